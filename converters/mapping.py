@@ -1,0 +1,174 @@
+"""The tensor rules between the two ERNIE 4.5 layouts, stated once, as data.
+
+Each rule names one -Paddle tensor, the -PT tensors it corresponds to, and how data moves:
+  COPY       same array (embeddings, norms, MoE score bias)
+  TRANSPOSE  Paddle Linear stores [in, out], torch [out, in]
+  FUSE       Paddle concatenates the transposed -PT parts along its last (output) axis:
+             qkv_proj = [Q | K | V] split by head counts, up_gate_proj = [GATE | UP] in halves.
+There is no q/k permutation: both layouts use the same interleaved RoPE channel order.
+The converters and the model loader both use `plan()` and `to_paddle()` / `to_pt()`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from ernie_paddle.config import ErnieConfig
+from ernie_paddle.errors import ErnieError
+
+COPY, TRANSPOSE, FUSE = "copy", "transpose", "fuse"
+
+_L = "layers.{i}"
+_E = "experts.{e}"
+RULES = [
+    # (Paddle name, -PT names, how)
+    ("ernie.embed_tokens.weight", ("model.embed_tokens.weight",), COPY),
+    ("ernie.norm.weight", ("model.norm.weight",), COPY),
+    ("lm_head.weight", ("lm_head.weight",), TRANSPOSE),
+    (f"ernie.{_L}.input_layernorm.weight", (f"model.{_L}.input_layernorm.weight",), COPY),
+    (f"ernie.{_L}.post_attention_layernorm.weight", (f"model.{_L}.post_attention_layernorm.weight",), COPY),
+    (f"ernie.{_L}.self_attn.qkv_proj.weight",
+     tuple(f"model.{_L}.self_attn.{p}_proj.weight" for p in "qkv"), FUSE),
+    (f"ernie.{_L}.self_attn.o_proj.weight", (f"model.{_L}.self_attn.o_proj.weight",), TRANSPOSE),
+    (f"ernie.{_L}.mlp.up_gate_proj.weight", (f"model.{_L}.mlp.gate_proj.weight", f"model.{_L}.mlp.up_proj.weight"), FUSE),
+    (f"ernie.{_L}.mlp.down_proj.weight", (f"model.{_L}.mlp.down_proj.weight",), TRANSPOSE),
+    # MoE layers (21B-A3B, 300B-A47B): router in float32, experts and shared experts like the dense MLP.
+    (f"ernie.{_L}.mlp.gate.weight", (f"model.{_L}.mlp.gate.weight",), TRANSPOSE),
+    (f"ernie.{_L}.mlp.moe_statics.e_score_correction_bias", (f"model.{_L}.mlp.moe_statics.e_score_correction_bias",), COPY),
+    (f"ernie.{_L}.mlp.{_E}.up_gate_proj.weight",
+     (f"model.{_L}.mlp.{_E}.gate_proj.weight", f"model.{_L}.mlp.{_E}.up_proj.weight"), FUSE),
+    (f"ernie.{_L}.mlp.{_E}.down_proj.weight", (f"model.{_L}.mlp.{_E}.down_proj.weight",), TRANSPOSE),
+    (f"ernie.{_L}.mlp.shared_experts.up_gate_proj.weight",
+     (f"model.{_L}.mlp.shared_experts.gate_proj.weight", f"model.{_L}.mlp.shared_experts.up_proj.weight"), FUSE),
+    (f"ernie.{_L}.mlp.shared_experts.down_proj.weight", (f"model.{_L}.mlp.shared_experts.down_proj.weight",), TRANSPOSE),
+]
+
+# Tensors that transformers does not load (multi-token-prediction heads): skipped, with a note.
+SKIPPED = re.compile(r"^(ernie\.|model\.)?mtp_")
+
+
+def _regex(template: str) -> re.Pattern:
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile(pattern + "$")
+
+
+_PADDLE = [(_regex(paddle), paddle, pts, how) for paddle, pts, how in RULES]
+_PT = [(_regex(pt), k, paddle, pts, how) for paddle, pts, how in RULES for k, pt in enumerate(pts)]
+
+
+@dataclass(frozen=True)
+class Group:
+    """One -Paddle tensor and the -PT tensors it is made of."""
+    paddle: str
+    pt: tuple[str, ...]
+    how: str
+
+
+def split_sizes(paddle_name: str, config: ErnieConfig, width: int) -> list[int]:
+    """Output-axis sizes of the parts of a fused -Paddle tensor of last-axis `width`."""
+    if paddle_name.endswith("qkv_proj.weight"):
+        q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        return [q, kv, kv]
+    return [width // 2, width // 2]
+
+
+def plan(names, layout: str, tied: bool | None = None) -> tuple[list[Group], list[str]]:
+    """Group a checkpoint's tensor names (of `layout`, 'pt' or 'paddle') into rules.
+    Returns (groups, skipped names). A tied lm_head copy in a -Paddle file maps to nothing in -PT."""
+    groups: dict[str, Group] = {}
+    seen: dict[str, set] = {}
+    skipped = []
+    for name in names:
+        if SKIPPED.match(name):
+            skipped.append(name)
+            continue
+        if layout == "paddle":
+            hit = next(((m, p, pts, how) for rx, p, pts, how in _PADDLE if (m := rx.match(name))), None)
+            if hit is None:
+                raise ErnieError(f"tensor {name!r} is not part of the ERNIE 4.5 -Paddle layout")
+            m, paddle, pts, how = hit
+        else:
+            hit = next(((m, p, pts, how) for rx, _, p, pts, how in _PT if (m := rx.match(name))), None)
+            if hit is None:
+                raise ErnieError(f"tensor {name!r} is not part of the ERNIE 4.5 -PT layout")
+            m, paddle, pts, how = hit
+        fill = {k: v for k, v in m.groupdict().items()}
+        paddle_name = paddle.format(**fill)
+        if paddle_name == "lm_head.weight" and tied:
+            skipped.append(name)
+            continue
+        groups[paddle_name] = Group(paddle_name, tuple(p.format(**fill) for p in pts), how)
+        seen.setdefault(paddle_name, set()).add(name)
+    if layout == "pt":
+        for g in groups.values():
+            missing = [p for p in g.pt if p not in seen[g.paddle]]
+            if missing:
+                raise ErnieError(f"tensor {missing[0]!r} is missing (needed with {sorted(seen[g.paddle])[0]!r} "
+                                 f"to build {g.paddle!r})")
+    return list(groups.values()), skipped
+
+
+def to_paddle(group: Group, parts: list[np.ndarray]) -> np.ndarray:
+    """-PT arrays of one group -> the -Paddle array."""
+    if group.how == COPY:
+        return parts[0]
+    if group.how == TRANSPOSE:
+        return parts[0].T
+    return np.concatenate([p.T for p in parts], axis=-1)
+
+
+def to_pt(group: Group, array: np.ndarray, config: ErnieConfig) -> list[np.ndarray]:
+    """The -Paddle array of one group -> its -PT arrays, in `group.pt` order."""
+    if group.how == COPY:
+        return [array]
+    if group.how == TRANSPOSE:
+        return [array.T]
+    bounds = np.cumsum(split_sizes(group.paddle, config, array.shape[-1]))[:-1]
+    return [part.T for part in np.split(array, bounds, axis=-1)]
+
+
+def paddle_shape(group: Group, pt_shapes: list[tuple]) -> tuple:
+    if group.how == COPY:
+        return tuple(pt_shapes[0])
+    if group.how == TRANSPOSE:
+        return tuple(reversed(pt_shapes[0]))
+    return (pt_shapes[0][1], sum(s[0] for s in pt_shapes))
+
+
+def pt_shapes(group: Group, shape: tuple, config: ErnieConfig) -> list[tuple]:
+    if group.how == COPY:
+        return [tuple(shape)]
+    if group.how == TRANSPOSE:
+        return [tuple(reversed(shape))]
+    return [(size, shape[0]) for size in split_sizes(group.paddle, config, shape[-1])]
+
+
+def expected_paddle_shape(paddle_name: str, config: ErnieConfig) -> tuple | None:
+    """The shape config.json implies for a -Paddle tensor (None where the rule has no fixed shape)."""
+    H, V, D = config.hidden_size, config.vocab_size, config.head_dim
+    NH, NKV, I = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    moe_i = config.extra.get("moe_intermediate_size", I)
+    if isinstance(moe_i, list):
+        moe_i = moe_i[0]
+    E = config.extra.get("moe_num_experts")
+    if isinstance(E, list):
+        E = E[0]
+    shared = moe_i * (config.extra.get("moe_num_shared_experts") or 0)
+    suffixes = [
+        ("embed_tokens.weight", (V, H)), ("norm.weight", (H,)), ("layernorm.weight", (H,)),
+        ("qkv_proj.weight", (H, (NH + 2 * NKV) * D)), ("o_proj.weight", (NH * D, H)),
+        ("shared_experts.up_gate_proj.weight", (H, 2 * shared)), ("shared_experts.down_proj.weight", (shared, H)),
+        ("gate.weight", (H, E)), ("e_score_correction_bias", (1, E)),
+    ]
+    if ".experts." in paddle_name:
+        suffixes += [("up_gate_proj.weight", (H, 2 * moe_i)), ("down_proj.weight", (moe_i, H))]
+    suffixes += [("up_gate_proj.weight", (H, 2 * I)), ("down_proj.weight", (I, H))]
+    if paddle_name == "lm_head.weight":
+        return (V, H) if config.tie_word_embeddings else (H, V)
+    for suffix, shape in suffixes:
+        if paddle_name.endswith(suffix):
+            return None if None in shape else shape
+    return None

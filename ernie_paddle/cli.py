@@ -1,0 +1,115 @@
+"""The `ernie-paddle` command: argument parsing only; each subcommand calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import ErnieError
+
+
+def _device_args(p, default_dtype="auto"):
+    p.add_argument("--device", default="auto", help="auto, cpu, gpu[:i], npu[:i] or another custom device")
+    p.add_argument("--dtype", default=default_dtype, help="auto, float32, bfloat16, float16")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ernie-paddle", description="ERNIE 4.5 on PaddlePaddle")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("convert", help="convert between -PT and -Paddle layouts (same as `convert`)", add_help=False)
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("--model", required=True, help="model directory (either layout) or hub id")
+    p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    _device_args(p)
+
+    p = sub.add_parser("demo", help="the whole loop on the embedded tiny model")
+    _device_args(p)
+
+    p = sub.add_parser("check", help="compare logits against transformers or the CPU")
+    p.add_argument("--model", required=True)
+    p.add_argument("--reference", choices=["transformers", "cpu"], default=None,
+                   help="default: transformers when torch is installed, else cpu")
+    p.add_argument("--reference-model", default=None, help="take the reference weights from this directory")
+    p.add_argument("--prompts", default=None, help="file with one prompt per line, or JSONL")
+    p.add_argument("--json", dest="json_out", default=None, help="write every figure to this JSON file")
+    _device_args(p)
+
+    p = sub.add_parser("bench", help="latency / throughput / TPOT table")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input-lens", default="7,11,33")
+    p.add_argument("--output-lens", default="32,64,128")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--json", dest="json_out", default=None)
+    _device_args(p)
+
+    p = sub.add_parser("deploy", help="write a FastDeploy / vLLM / vLLM-Ascend serving config")
+    p.add_argument("engine", choices=["fastdeploy", "vllm", "vllm-ascend"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default=None, choices=["gpu", "xpu", "dcu", "iluvatar", "npu"])
+    p.add_argument("--quantization", default="none", choices=["none", "wint8", "wint4", "block_wise_fp8"])
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--fastdeploy-version", default=None)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("serve", help="serve the Paddle predictor over an OpenAI-style HTTP API")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8180)
+    _device_args(p)
+    return parser
+
+
+def _run(args) -> int:
+    if args.command == "generate":
+        from .predictor import run_generate
+        return run_generate(args)
+    if args.command == "demo":
+        from .demo import run_demo
+        return run_demo(device=args.device, dtype=args.dtype)
+    if args.command == "check":
+        from .check import run_check
+        return run_check(args)
+    if args.command == "bench":
+        from .bench import run_bench
+        return run_bench(args)
+    if args.command == "deploy":
+        from .deploy import run_deploy
+        return run_deploy(args)
+    if args.command == "serve":
+        from .serve import run_serve
+        return run_serve(args)
+    raise AssertionError(args.command)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "convert":
+        from converters.cli import main as convert_main
+        return convert_main(argv[1:], prog="ernie-paddle convert")
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args) or 0
+    except ErnieError as e:
+        print(f"ernie-paddle {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""One config object for ERNIE 4.5, read from and written to either layout's config.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ErnieError
+
+DENSE_ARCHITECTURES = ("Ernie4_5ForCausalLM", "Ernie4_5_ForCausalLM")
+MOE_ARCHITECTURES = ("Ernie4_5_MoeForCausalLM",)
+PT_ARCHITECTURE = {"dense": "Ernie4_5ForCausalLM", "moe": "Ernie4_5_MoeForCausalLM"}
+PADDLE_ARCHITECTURE = {"dense": "Ernie4_5_ForCausalLM", "moe": "Ernie4_5_MoeForCausalLM"}
+PT_MODEL_TYPE = {"dense": "ernie4_5", "moe": "ernie4_5_moe"}
+
+# Keys only Paddle-side tools read; dropped on the way to -PT, kept when a -PT config remembers them.
+PADDLE_ONLY_KEYS = (
+    "compression_ratio", "fuse_rms_norm", "fuse_rope", "fuse_linear", "fuse_swiglu", "fuse_attn_ffn",
+    "use_flash_attention", "use_rmsnorm", "max_sequence_length", "paddlenlp_version",
+    "use_fast_ln", "weight_share_add_bias", "rope_reorder", "freq_allocation",
+)
+# Keys that only transformers writes; dropped on the way to -Paddle.
+PT_ONLY_KEYS = ("torch_dtype", "dtype", "rope_parameters", "transformers_version", "_name_or_path")
+
+MOE_KEYS = (
+    "moe_num_experts", "moe_intermediate_size", "moe_num_shared_experts", "moe_layer_start_index",
+    "moe_layer_end_index", "moe_layer_interval", "moe_k", "moe_capacity", "moe_gate",
+    "moe_norm_min", "moe_use_aux_free", "moe_gate_act", "router_aux_loss_coef",
+)
+
+
+@dataclass
+class ErnieConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = True
+    use_bias: bool = False
+    hidden_act: str = "silu"
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int | list[int] = 2
+    compression_ratio: float = 1.0
+    dtype: str = "bfloat16"
+    kind: str = "dense"  # "dense" or "moe"
+    extra: dict = field(default_factory=dict)  # every other key of the source file, carried over
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    def is_moe_layer(self, i: int) -> bool:
+        if self.kind != "moe":
+            return False
+        start = self.extra.get("moe_layer_start_index", 0)
+        end = self.extra.get("moe_layer_end_index", -1)
+        end = self.num_hidden_layers - 1 if end in (-1, None) else end
+        interval = self.extra.get("moe_layer_interval", 1)
+        return start <= i <= end and (i - start) % interval == 0
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "ErnieConfig":
+        archs = raw.get("architectures") or []
+        arch = archs[0] if archs else None
+        model_type = raw.get("model_type")
+        if arch in MOE_ARCHITECTURES or model_type == "ernie4_5_moe":
+            kind = "moe"
+        elif arch in DENSE_ARCHITECTURES or (arch is None and model_type == "ernie4_5"):
+            kind = "dense"
+        else:
+            raise ErnieError(
+                f"{source}: architecture {arch or model_type!r} is not ERNIE 4.5 "
+                f"(expected one of {', '.join(DENSE_ARCHITECTURES + MOE_ARCHITECTURES)})")
+        try:
+            heads = int(raw["num_attention_heads"])
+            hidden = int(raw["hidden_size"])
+            rope = raw.get("rope_parameters") or {}
+            cfg = cls(
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(raw["intermediate_size"]),
+                num_hidden_layers=int(raw["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=int(raw.get("head_dim") or hidden // heads),
+                rope_theta=float(raw.get("rope_theta", rope.get("rope_theta", 500000.0))),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 131072)),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+                use_bias=bool(raw.get("use_bias", False)),
+                hidden_act=raw.get("hidden_act", "silu"),
+                pad_token_id=raw.get("pad_token_id", 0),
+                bos_token_id=raw.get("bos_token_id", 1),
+                eos_token_id=raw.get("eos_token_id", 2),
+                compression_ratio=float(raw.get("compression_ratio", 1.0)),
+                dtype=raw.get("torch_dtype") or raw.get("dtype") or "bfloat16",
+                kind=kind,
+            )
+        except KeyError as e:
+            raise ErnieError(f"{source}: missing key {e.args[0]!r}; is this an ERNIE 4.5 config.json?") from None
+        except (TypeError, ValueError) as e:
+            raise ErnieError(f"{source}: bad value ({e})") from None
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ErnieError(f"{source}: num_attention_heads {heads} is not a multiple of "
+                             f"num_key_value_heads {cfg.num_key_value_heads}")
+        if cfg.hidden_act != "silu":
+            raise ErnieError(f"{source}: hidden_act {cfg.hidden_act!r} is not supported (ERNIE 4.5 uses silu)")
+        known = set(cls.__dataclass_fields__) | {"architectures", "model_type", "rope_parameters",
+                                                 "torch_dtype", "dtype"}
+        cfg.extra = {k: v for k, v in raw.items() if k not in known}
+        return cfg
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ErnieConfig":
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise ErnieError(f"{file}: not found; a model directory needs its config.json")
+        try:
+            raw = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ErnieError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ErnieError(f"{file}: expected a JSON object")
+        return cls.from_dict(raw, str(file))
+
+    def _common(self) -> dict:
+        return {
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "use_bias": self.use_bias,
+            "hidden_act": self.hidden_act, "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+        }
+
+    def to_pt_dict(self, dtype: str | None = None) -> dict:
+        """config.json for the -PT layout: `torch_dtype` (FastDeploy reads it as the layout flag)."""
+        out = {"architectures": [PT_ARCHITECTURE[self.kind]], "model_type": PT_MODEL_TYPE[self.kind]}
+        out.update(self._common())
+        out["torch_dtype"] = dtype or self.dtype
+        out.update({k: v for k, v in self.extra.items() if k not in PADDLE_ONLY_KEYS})
+        return out
+
+    def to_paddle_dict(self, dtype: str | None = None) -> dict:
+        """config.json for the -Paddle layout: every value Paddle defaults differently stated explicitly."""
+        out = {"architectures": [PADDLE_ARCHITECTURE[self.kind]], "model_type": PT_MODEL_TYPE[self.kind]}
+        out.update(self._common())
+        out["dtype"] = dtype or self.dtype
+        if self.compression_ratio != 1.0 or "compression_ratio" in self.extra:
+            out["compression_ratio"] = self.compression_ratio
+        out.update({k: v for k, v in self.extra.items() if k not in PT_ONLY_KEYS})
+        return out
