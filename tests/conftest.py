@@ -1,0 +1,52 @@
+"""Shared test fixtures: tiny real ERNIE 4.5 checkpoints written by transformers itself."""
+
+from __future__ import annotations
+
+import pytest
+
+TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+
+
+def save_tiny_pt(directory, seed=0, dtype="float32", max_shard_size=None, **overrides):
+    """Write a randomly initialised transformers `Ernie4_5ForCausalLM` (-PT layout) to `directory`;
+    returns the torch model (float32, eval mode)."""
+    import torch
+    from transformers import Ernie4_5Config, Ernie4_5ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Ernie4_5Config(**{**TINY, **overrides})
+    model = Ernie4_5ForCausalLM(config).eval()
+    with torch.no_grad():  # norms start at 1.0; make them non-trivial so a dropped norm is caught
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    to_save = model.to(getattr(torch, dtype)) if dtype != "float32" else model
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    to_save.save_pretrained(directory, **kwargs)
+    return model.float()
+
+
+def save_tiny_moe_pt(directory, seed=0, **overrides):
+    """Write a randomly initialised transformers `Ernie4_5_MoeForCausalLM` to `directory`."""
+    import torch
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = {**TINY, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32,
+              "moe_num_shared_experts": 1, "moe_layer_start_index": 1, **overrides}
+    model = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "e_score_correction_bias" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture
+def tiny_pt(tmp_path):
+    """A tiny -PT model directory and its transformers model."""
+    directory = tmp_path / "tiny-PT"
+    model = save_tiny_pt(directory)
+    return directory, model
