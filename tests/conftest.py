@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+            initializer_range=0.2)  # larger than the default 0.02, so greedy decoding does not repeat one token
 
 
 def save_tiny_pt(directory, seed=0, dtype="float32", max_shard_size=None, **overrides):

@@ -1,0 +1,199 @@
+"""ErniePredictor: config + weights + tokenizer + generation, on cpu / gpu / npu."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from converters import mapping
+
+from . import device as devices
+from .checkpoint import Checkpoint, cast, resolve_model_dir
+from .config import ErnieConfig
+from .errors import ErnieError
+from .generate import Chunk, GenerationSettings, stream_batch
+from .model import ErnieForCausalLM, causal_mask
+from .tokenizer import Tokenizer
+
+paddle = devices.import_paddle()
+
+PROGRESS_BYTES = 256 << 20  # show a loading bar for checkpoints larger than this
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str          # "stop" (eos or a stop string) or "length"
+    prompt_tokens: int
+    generated_tokens: int
+    prompt_tps: float           # prefill tokens per second
+    generation_tps: float       # decode tokens per second
+
+
+def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, dtype: str, progress: bool = True):
+    """Copy a checkpoint of either layout into the model, one tensor (or fused group) at a time;
+    -PT tensors are mapped on the fly with the converters' rules."""
+    config = model.config
+    layout = ckpt.layout
+    groups, _ = mapping.plan(ckpt.names, layout, config.tie_word_embeddings)
+    params = model.weights()
+    total = sum(info.nbytes for info in ckpt.tensors.values())
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", file=sys.stderr,
+               disable=not progress or total < PROGRESS_BYTES)
+    for group in groups:
+        sources = [group.paddle] if layout == "paddle" else list(group.pt)
+        parts = [cast(ckpt.read(n), ckpt.dtype(n), dtype) for n in sources]
+        array = parts[0] if layout == "paddle" else mapping.to_paddle(group, parts)
+        param = params.pop(group.paddle, None)
+        if param is None:
+            raise ErnieError(f"{ckpt.directory}: tensor {sources[0]!r} has no place in the dense ERNIE 4.5 model")
+        if tuple(array.shape) != tuple(param.shape):
+            raise ErnieError(f"{ckpt.tensors[sources[0]].file}: tensor {sources[0]!r} has shape "
+                             f"{list(ckpt.tensors[sources[0]].shape)}, but config.json implies "
+                             f"{list(param.shape) if layout == 'paddle' else 'another'}; "
+                             "the weights and config.json do not belong together")
+        param.set_value(np.ascontiguousarray(array))
+        bar.update(sum(ckpt.tensors[n].nbytes for n in sources))
+    bar.close()
+    if params:
+        name = sorted(params)[0]
+        raise ErnieError(f"{ckpt.directory}: tensor {name!r} (or its -PT parts) is missing from the checkpoint")
+
+
+class ErniePredictor:
+    def __init__(self, model: ErnieForCausalLM, tokenizer: Tokenizer | None, device: str, dtype: str,
+                 directory: Path | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config: ErnieConfig = model.config
+        self.device, self.dtype, self.directory = device, dtype, directory
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, device: str = "auto", dtype: str = "auto",
+                        progress: bool = True) -> "ErniePredictor":
+        directory = resolve_model_dir(str(model))
+        config = ErnieConfig.from_dir(directory)
+        if config.kind != "dense":
+            raise ErnieError(f"{directory}: MoE ERNIE 4.5 models can be converted but not run yet; "
+                             "use FastDeploy or vLLM (`ernie-paddle deploy`)")
+        place = devices.resolve(device)
+        dtype = devices.resolve_dtype(place, dtype)
+        ckpt = Checkpoint(directory)
+        tokenizer = Tokenizer(directory) if (directory / "tokenizer.model").is_file() else None
+        net = ErnieForCausalLM(config, dtype)
+        try:
+            load_weights(net, ckpt, dtype, progress)
+        finally:
+            ckpt.close()
+        net.eval()
+        return cls(net, tokenizer, place, dtype, directory)
+
+    def _ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ErnieError(f"{self.directory}: no tokenizer.model, so prompts must be lists of token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ErnieError("empty prompt: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ErnieError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return ids
+
+    def _settings(self, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty,
+                  prompt_lens) -> GenerationSettings:
+        if max_new_tokens < 1:
+            raise ErnieError(f"max_new_tokens {max_new_tokens}: must be at least 1")
+        if max(prompt_lens) + max_new_tokens > self.config.max_position_embeddings:
+            raise ErnieError(f"prompt ({max(prompt_lens)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"the model's {self.config.max_position_embeddings} positions")
+        if isinstance(stop, str):
+            stop = [stop]
+        return GenerationSettings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                                  [s for s in (stop or []) if s])
+
+    def _tokenizer_for_text(self) -> Tokenizer:
+        return self.tokenizer or _NoTextTokenizer()
+
+    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop=None,
+                 repetition_penalty: float = 1.0) -> list[GenerationResult]:
+        """Generate for every prompt (a string or a list of token ids) as one batch."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [self._ids(p) for p in prompts]
+        settings = self._settings(max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty,
+                                  [len(i) for i in ids])
+        texts, tokens = [""] * len(ids), [[] for _ in ids]
+        last: list[Chunk | None] = [None] * len(ids)
+        for chunk in stream_batch(self.model, self._tokenizer_for_text(), ids, settings):
+            texts[chunk.row] += chunk.text
+            tokens[chunk.row].append(chunk.token)
+            last[chunk.row] = chunk
+        return [GenerationResult(texts[i], tokens[i], c.finish_reason, c.prompt_tokens, c.generated_tokens,
+                                 c.prompt_tps, c.generation_tps) for i, c in enumerate(last)]
+
+    def stream(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = None, stop=None, repetition_penalty: float = 1.0):
+        """Yield Chunks (`.text`, `.token`, `.finish_reason` on the last one) for one prompt."""
+        ids = [self._ids(prompt)]
+        settings = self._settings(max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty,
+                                  [len(ids[0])])
+        yield from stream_batch(self.model, self._tokenizer_for_text(), ids, settings)
+
+    def logits(self, batch) -> np.ndarray:
+        """float32 logits [B, T, V] for every position, without a cache. Rows shorter than the
+        longest are right-padded; their padded positions carry no meaning."""
+        if batch and isinstance(batch[0], (int, np.integer)):
+            batch = [batch]
+        ids = [self._ids(row) for row in batch]
+        length = max(len(r) for r in ids)
+        padded = np.zeros([len(ids), length], dtype=np.int64)
+        for i, row in enumerate(ids):
+            padded[i, :len(row)] = row
+        tokens = paddle.to_tensor(padded)
+        positions = paddle.arange(length, dtype="int64").unsqueeze(0).expand([len(ids), length])
+        valid = paddle.ones([len(ids), length], "int64")
+        with paddle.no_grad():
+            out = self.model(tokens, positions, causal_mask(valid, 0, length))
+        return out.numpy()
+
+
+class _NoTextTokenizer:
+    """Stands in when a model directory has no tokenizer: ids only, no text."""
+    pad_id = 0
+
+    def detokenizer(self):
+        return self
+
+    def add(self, token):
+        return ""
+
+    def finish(self):
+        return ""
+
+
+def run_generate(args) -> int:
+    pred = ErniePredictor.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty)
+    if args.stream:
+        for prompt in args.prompt:
+            print(prompt, end="", flush=True)
+            for chunk in pred.stream(prompt, **kwargs):
+                print(chunk.text, end="", flush=True)
+            print(f"\n[{chunk.finish_reason}; {chunk.generated_tokens} tokens, "
+                  f"{chunk.generation_tps:.1f} tok/s]", file=sys.stderr)
+        return 0
+    for prompt, result in zip(args.prompt, pred.generate(args.prompt, **kwargs)):
+        print(prompt + result.text)
+        print(f"[{result.finish_reason}; {result.prompt_tokens} prompt tokens at {result.prompt_tps:.1f} tok/s, "
+              f"{result.generated_tokens} generated at {result.generation_tps:.1f} tok/s]", file=sys.stderr)
+    return 0

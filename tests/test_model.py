@@ -1,0 +1,116 @@
+"""The Paddle model and ErniePredictor against transformers' Ernie4_5ForCausalLM (the reference)."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import save_tiny_pt
+from ernie_paddle import ErniePredictor
+
+CONFIGS = {
+    "gqa2-tied": {},
+    "mha-untied-odd": dict(num_key_value_heads=4, tie_word_embeddings=False, hidden_size=40, head_dim=12,
+                           intermediate_size=72, vocab_size=157),
+    "gqa8-headdim": dict(num_attention_heads=8, num_key_value_heads=1, head_dim=24, hidden_size=48,
+                         num_hidden_layers=3),
+}
+PROMPTS = [[5, 7, 9, 11, 3, 100, 150, 17, 23, 42, 8], [31, 4, 77], [120, 9, 9, 64, 18, 2 + 1]]
+
+
+def reference_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def reference_generate(model, prompts, n):
+    """transformers greedy generation of a left-padded batch; the generated ids of each row."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return [row[width:].tolist() for row in out]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    reference = save_tiny_pt(directory, **CONFIGS[request.param])
+    return reference, directory
+
+
+def test_logits_match_transformers(pair):
+    reference, directory = pair
+    pred = ErniePredictor.from_pretrained(directory, device="cpu", dtype="float32")
+    for ids in PROMPTS:
+        got = pred.logits([ids])[0]
+        assert got.shape == (len(ids), reference.config.vocab_size)
+        assert np.abs(got - reference_logits(reference, ids)).max() <= 1e-4
+    batch = pred.logits(PROMPTS[:2])  # right-padded: real positions equal the single-row run
+    assert np.abs(batch[1, :3] - reference_logits(reference, PROMPTS[1])).max() <= 1e-4
+
+
+def test_greedy_generation_matches_transformers(pair):
+    reference, directory = pair
+    pred = ErniePredictor.from_pretrained(directory, device="cpu")
+    expected = reference_generate(reference, PROMPTS, 32)
+    # After eos (id 2) transformers pads a finished row; ours stops it: compare up to the first eos.
+    def upto_eos(ids):
+        return ids[:ids.index(2) + 1] if 2 in ids else ids
+    batch = pred.generate(PROMPTS, max_new_tokens=32)
+    for prompt, want, got in zip(PROMPTS, expected, batch):
+        assert got.token_ids == upto_eos(want)
+        alone = pred.generate([prompt], max_new_tokens=32)[0]
+        assert alone.token_ids == got.token_ids
+        assert got.finish_reason == ("stop" if 2 in got.token_ids else "length")
+        assert got.prompt_tokens == len(prompt) and got.generated_tokens == len(got.token_ids)
+
+
+def test_paddle_layout_gives_same_tokens(tmp_path):
+    from converters.convert import pt2paddle
+
+    reference = save_tiny_pt(tmp_path / "pt", tie_word_embeddings=False, seed=3)
+    pt2paddle(tmp_path / "pt", tmp_path / "paddle", progress=False)
+    from_pt = ErniePredictor.from_pretrained(tmp_path / "pt", device="cpu")
+    from_paddle = ErniePredictor.from_pretrained(tmp_path / "paddle", device="cpu")
+    for name, param in from_paddle.model.weights().items():
+        assert np.array_equal(param.numpy(), from_pt.model.weights()[name].numpy()), name
+    want = reference_generate(reference, PROMPTS[:2], 32)
+    got = from_paddle.generate(PROMPTS[:2], max_new_tokens=32)
+    assert [g.token_ids for g in got] == [w[:len(g.token_ids)] for w, g in zip(want, got)]
+    assert np.abs(from_paddle.logits([PROMPTS[0]])[0] - reference_logits(reference, PROMPTS[0])).max() <= 1e-4
+
+
+def test_bf16_checkpoint_loads_exactly(tmp_path):
+    reference = save_tiny_pt(tmp_path, dtype="bfloat16")
+    pred = ErniePredictor.from_pretrained(tmp_path, device="cpu", dtype="float32")
+    rounded = {n: p.detach().to(torch.bfloat16).float().numpy() for n, p in reference.named_parameters()}
+    emb = pred.model.weights()["ernie.embed_tokens.weight"].numpy()
+    assert np.array_equal(emb, rounded["model.embed_tokens.weight"])
+    q = rounded["model.layers.0.self_attn.q_proj.weight"]
+    assert np.array_equal(pred.model.weights()["ernie.layers.0.self_attn.qkv_proj.weight"].numpy()[:, :q.shape[0]], q.T)
+
+
+def test_sampling_is_reproducible_and_respects_top_k(tmp_path):
+    save_tiny_pt(tmp_path)
+    pred = ErniePredictor.from_pretrained(tmp_path, device="cpu")
+    kwargs = dict(max_new_tokens=16, temperature=1.0, top_k=5, top_p=0.9, seed=7)
+    a = pred.generate([PROMPTS[0]], **kwargs)[0].token_ids
+    assert a == pred.generate([PROMPTS[0]], **kwargs)[0].token_ids
+    assert a != pred.generate([PROMPTS[0]], **{**kwargs, "seed": 8})[0].token_ids
+    # top_k=1 is greedy whatever the temperature
+    greedy = pred.generate([PROMPTS[0]], max_new_tokens=16)[0].token_ids
+    assert pred.generate([PROMPTS[0]], max_new_tokens=16, temperature=1.5, top_k=1, seed=1)[0].token_ids == greedy
+    # a tiny top_p keeps only the most likely token: greedy again
+    assert pred.generate([PROMPTS[0]], max_new_tokens=16, temperature=1.0, top_p=1e-6, seed=1)[0].token_ids == greedy
+
+
+def test_repetition_penalty_matches_transformers(tmp_path):
+    reference = save_tiny_pt(tmp_path)
+    pred = ErniePredictor.from_pretrained(tmp_path, device="cpu")
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        want = reference.generate(ids, max_new_tokens=24, do_sample=False, repetition_penalty=1.3,
+                                  pad_token_id=0)[0, len(PROMPTS[0]):].tolist()
+    got = pred.generate([PROMPTS[0]], max_new_tokens=24, repetition_penalty=1.3)[0].token_ids
+    assert got == want[:len(got)]
