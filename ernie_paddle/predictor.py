@@ -48,16 +48,18 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, dtype: str, progress
                disable=not progress or total < PROGRESS_BYTES)
     for group in groups:
         sources = [group.paddle] if layout == "paddle" else list(group.pt)
-        parts = [cast(ckpt.read(n), ckpt.dtype(n), dtype) for n in sources]
-        array = parts[0] if layout == "paddle" else mapping.to_paddle(group, parts)
         param = params.pop(group.paddle, None)
         if param is None:
             raise ErnieError(f"{ckpt.directory}: tensor {sources[0]!r} has no place in the dense ERNIE 4.5 model")
-        if tuple(array.shape) != tuple(param.shape):
-            raise ErnieError(f"{ckpt.tensors[sources[0]].file}: tensor {sources[0]!r} has shape "
-                             f"{list(ckpt.tensors[sources[0]].shape)}, but config.json implies "
-                             f"{list(param.shape) if layout == 'paddle' else 'another'}; "
-                             "the weights and config.json do not belong together")
+        shape = tuple(param.shape)
+        expected = [shape] if layout == "paddle" else mapping.pt_shapes(group, shape, config)
+        for name, want in zip(sources, expected):
+            info = ckpt.tensors[name]
+            if info.shape != tuple(want):
+                raise ErnieError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but config.json "
+                                 f"implies {list(want)}; the weights and config.json do not belong together")
+        parts = [cast(ckpt.read(n), ckpt.dtype(n), dtype) for n in sources]
+        array = parts[0] if layout == "paddle" else mapping.to_paddle(group, parts)
         param.set_value(np.ascontiguousarray(array))
         bar.update(sum(ckpt.tensors[n].nbytes for n in sources))
     bar.close()

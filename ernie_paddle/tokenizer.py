@@ -38,8 +38,10 @@ class Tokenizer:
 
         n = self.sp.GetPieceSize()
         self.special_ids = {i for i in range(n) if self.sp.IsControl(i) or self.sp.IsUnknown(i)}
-        special_text = {piece: i for i in range(n)
-                        if self.sp.IsUserDefined(i) and (piece := self.sp.IdToPiece(i)).startswith("<")}
+        # User-defined symbols such as `<mask:1>` (SentencePiece matches them whole when encoding).
+        special_text = {piece: i for i in range(n) if not self.sp.IsByte(i)
+                        and (piece := self.sp.IdToPiece(i)).startswith("<") and piece.endswith(">")
+                        and self.sp.EncodeAsIds(piece)[-1:] == [i]}
         special_text.update({p: self.sp.PieceToId(p) for p in _special_strings(config)
                              if self.sp.PieceToId(p) != self.sp.unk_id()})
         self.special_ids |= set(special_text.values())
