@@ -11,7 +11,7 @@ TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_lay
 
 def save_tiny_pt(directory, seed=0, dtype="float32", max_shard_size=None, **overrides):
     """Write a randomly initialised transformers `Ernie4_5ForCausalLM` (-PT layout) to `directory`;
-    returns the torch model (float32, eval mode)."""
+    returns the torch model (float32 compute, weights as saved, eval mode)."""
     import torch
     from transformers import Ernie4_5Config, Ernie4_5ForCausalLM
 
@@ -22,10 +22,13 @@ def save_tiny_pt(directory, seed=0, dtype="float32", max_shard_size=None, **over
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    to_save = model.to(getattr(torch, dtype)) if dtype != "float32" else model
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    to_save.save_pretrained(directory, **kwargs)
-    return model.float()
+    if dtype == "float32":
+        model.save_pretrained(directory, **kwargs)
+        return model
+    model.to(getattr(torch, dtype)).save_pretrained(directory, **kwargs)
+    # Reload rather than cast back: `.to()` also rounds buffers such as RoPE's inv_freq.
+    return Ernie4_5ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
 def save_tiny_moe_pt(directory, seed=0, **overrides):
@@ -51,3 +54,19 @@ def tiny_pt(tmp_path):
     directory = tmp_path / "tiny-PT"
     model = save_tiny_pt(directory)
     return directory, model
+
+
+def save_tiny_tokenizer(directory, texts, vocab_size=400):
+    """Train a small byte-fallback SentencePiece model on `texts` into `directory`/tokenizer.model, laid out
+    like ERNIE's (<unk>=0, <s>=1, </s>=2); any text encodes, to ids below `vocab_size`."""
+    import io
+    from pathlib import Path
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=False, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    Path(directory, "tokenizer.model").write_bytes(model.getvalue())

@@ -1,5 +1,7 @@
 """The Paddle model and ErniePredictor against transformers' Ernie4_5ForCausalLM (the reference)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,30 @@ def test_repetition_penalty_matches_transformers(tmp_path):
                                   pad_token_id=0)[0, len(PROMPTS[0]):].tolist()
     got = pred.generate([PROMPTS[0]], max_new_tokens=24, repetition_penalty=1.3)[0].token_ids
     assert got == want[:len(got)]
+
+
+def test_paddle_file_with_u16_bf16_and_fp16_checkpoint(tmp_path):
+    """Paddle writers store bf16 as U16 raw bits with format "np"; fp16 -PT files also occur."""
+    from converters import mapping
+    from ernie_paddle.checkpoint import Checkpoint, write_safetensors
+
+    save_tiny_pt(tmp_path / "bf16", dtype="bfloat16")
+    source = Checkpoint(tmp_path / "bf16")
+    groups, _ = mapping.plan(source.names, "pt", tied=True)
+    entries = []
+    for g in groups:
+        array = mapping.to_paddle(g, [source.get(n) for n in g.pt])
+        entries.append((g.paddle, "uint16", array.shape, lambda a=array: a))
+    (tmp_path / "paddle").mkdir()
+    write_safetensors(tmp_path / "paddle" / "model.safetensors", entries, {"format": "np"})
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    (tmp_path / "paddle" / "config.json").write_text(json.dumps(config))
+    from_u16 = ErniePredictor.from_pretrained(tmp_path / "paddle", device="cpu")
+    from_bf16 = ErniePredictor.from_pretrained(tmp_path / "bf16", device="cpu")
+    ids = [PROMPTS[0]]
+    assert np.array_equal(from_u16.logits(ids), from_bf16.logits(ids))
+
+    rounded_to_fp16 = save_tiny_pt(tmp_path / "fp16", dtype="float16")
+    from_fp16 = ErniePredictor.from_pretrained(tmp_path / "fp16", device="cpu")
+    want = reference_logits(rounded_to_fp16, PROMPTS[0])
+    assert np.abs(from_fp16.logits(ids)[0] - want).max() <= 1e-4
