@@ -49,14 +49,20 @@ RULES = [
 # Tensors that transformers does not load (multi-token-prediction heads): skipped, with a note.
 SKIPPED = re.compile(r"^(ernie\.|model\.)?mtp_")
 
+# The MoE router stays float32 when other weights are cast: its logits choose the experts.
+ROUTER = re.compile(r"\.mlp\.(gate\.weight|moe_statics\.e_score_correction_bias)$")
+
 
 def _regex(template: str) -> re.Pattern:
     pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
     return re.compile(pattern + "$")
 
 
-_PADDLE = [(_regex(paddle), paddle, pts, how) for paddle, pts, how in RULES]
-_PT = [(_regex(pt), k, paddle, pts, how) for paddle, pts, how in RULES for k, pt in enumerate(pts)]
+_MATCHERS = {
+    "paddle": [(_regex(paddle), paddle, pts, how) for paddle, pts, how in RULES],
+    "pt": [(_regex(pt), paddle, pts, how) for paddle, pts, how in RULES for pt in pts],
+}
+_LAYOUT_NAME = {"paddle": "-Paddle", "pt": "-PT"}
 
 
 @dataclass(frozen=True)
@@ -85,17 +91,11 @@ def plan(names, layout: str, tied: bool | None = None) -> tuple[list[Group], lis
         if SKIPPED.match(name):
             skipped.append(name)
             continue
-        if layout == "paddle":
-            hit = next(((m, p, pts, how) for rx, p, pts, how in _PADDLE if (m := rx.match(name))), None)
-            if hit is None:
-                raise ErnieError(f"tensor {name!r} is not part of the ERNIE 4.5 -Paddle layout")
-            m, paddle, pts, how = hit
-        else:
-            hit = next(((m, p, pts, how) for rx, _, p, pts, how in _PT if (m := rx.match(name))), None)
-            if hit is None:
-                raise ErnieError(f"tensor {name!r} is not part of the ERNIE 4.5 -PT layout")
-            m, paddle, pts, how = hit
-        fill = {k: v for k, v in m.groupdict().items()}
+        hit = next(((m, p, pts, how) for rx, p, pts, how in _MATCHERS[layout] if (m := rx.match(name))), None)
+        if hit is None:
+            raise ErnieError(f"tensor {name!r} is not part of the ERNIE 4.5 {_LAYOUT_NAME[layout]} layout")
+        m, paddle, pts, how = hit
+        fill = m.groupdict()
         paddle_name = paddle.format(**fill)
         if paddle_name == "lm_head.weight" and tied:
             skipped.append(name)

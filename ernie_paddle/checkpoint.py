@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ DTYPES = {
 CODES = {name: code for code, (name, _) in DTYPES.items()}
 ITEMSIZE = {name: np.dtype(np_dtype).itemsize for name, np_dtype in DTYPES.values()}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclass(frozen=True)
@@ -94,12 +96,17 @@ class Checkpoint:
         self.index_file = self.directory / INDEX_FILE
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict = {}
+        self._weight_map: dict[str, str] = {}
         for file in self._weight_files():
             tensors, metadata = read_header(file)
             self.metadata = self.metadata or metadata
             self.tensors.update(tensors)
         if not self.tensors:
             raise ErnieError(f"{self.directory}: the safetensors files hold no tensors")
+        for name, shard in self._weight_map.items():
+            if name not in self.tensors:
+                raise ErnieError(f"{self.index_file}: names tensor {name!r} in {shard}, which does not hold it; "
+                                 "download the complete shard set")
         self._maps: dict[Path, mmap.mmap] = {}
 
     def _weight_files(self) -> list[Path]:
@@ -115,6 +122,7 @@ class Checkpoint:
                     raise ErnieError(f"{self.index_file}: names shard {shard}, which is missing; "
                                      "download the complete shard set")
                 files.append(path)
+            self._weight_map = weight_map
             return files
         single = self.directory / SINGLE_FILE
         if single.is_file():
@@ -150,6 +158,20 @@ class Checkpoint:
         np_dtype = DTYPES[CODES[info.dtype]][1]
         return np.frombuffer(mm, dtype=np_dtype, count=info.nbytes // ITEMSIZE[info.dtype],
                              offset=info.start).reshape(info.shape)
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor copied into a fresh array. Unlike `get`, nothing stays mapped afterwards, so a pass over
+        a whole checkpoint keeps only the tensors in hand resident, not every page it has touched."""
+        info = self.tensors[name]
+        np_dtype = DTYPES[CODES[info.dtype]][1]
+        try:
+            with open(info.file, "rb") as f:
+                array = np.fromfile(f, dtype=np_dtype, count=info.nbytes // ITEMSIZE[info.dtype], offset=info.start)
+        except OSError as e:
+            raise ErnieError(f"{info.file}: cannot read tensor {name!r} ({e.strerror})") from None
+        if array.nbytes != info.nbytes:
+            raise ErnieError(f"{info.file}: truncated while reading tensor {name!r}; re-download or re-convert it")
+        return array.reshape(info.shape)
 
     def close(self):
         for mm in self._maps.values():
@@ -224,5 +246,29 @@ def write_safetensors(path: Path, entries, metadata: dict | None = None, on_byte
             f.write(memoryview(array).cast("B"))
             if on_bytes:
                 on_bytes(array.nbytes)
+            del array  # before the next produce(): only one tensor in memory at a time
         f.flush()
         os.fsync(f.fileno())
+
+
+def resolve_model_dir(path_or_id: str) -> Path:
+    """A local model directory as is; otherwise a hub id ("org/name"), fetched with huggingface_hub."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ErnieError(f"{path}: not a directory; expected a model directory")
+        return path
+    if not HUB_ID.fullmatch(path_or_id):
+        raise ErnieError(f"{path}: no such model directory")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ErnieError(f"{path_or_id}: no such local directory, and huggingface_hub is not installed to fetch "
+                         "it as a hub id; pass a local model directory") from None
+    try:
+        return Path(snapshot_download(path_or_id))
+    except Exception as e:  # offline, unknown repo, gated repo: all mean "use a local directory"
+        lines = str(e).strip().splitlines()
+        reason = re.split(r"(?<=\.)\s", lines[0], maxsplit=1)[0] if lines else type(e).__name__
+        raise ErnieError(f"{path_or_id}: no such local directory, and the hub id cannot be fetched ({reason}); "
+                         "pass a local model directory") from None

@@ -14,12 +14,16 @@ PT_ARCHITECTURE = {"dense": "Ernie4_5ForCausalLM", "moe": "Ernie4_5_MoeForCausal
 PADDLE_ARCHITECTURE = {"dense": "Ernie4_5_ForCausalLM", "moe": "Ernie4_5_MoeForCausalLM"}
 PT_MODEL_TYPE = {"dense": "ernie4_5", "moe": "ernie4_5_moe"}
 
-# Keys only Paddle-side tools read; dropped on the way to -PT, kept when a -PT config remembers them.
+# Keys only Paddle-side tools read. A -PT config keeps them nested under PADDLE_CONFIG_KEY, where no
+# PT-side reader picks them up by accident, so that converting back to -Paddle restores them.
 PADDLE_ONLY_KEYS = (
     "compression_ratio", "fuse_rms_norm", "fuse_rope", "fuse_linear", "fuse_swiglu", "fuse_attn_ffn",
-    "use_flash_attention", "use_rmsnorm", "max_sequence_length", "paddlenlp_version",
-    "use_fast_ln", "weight_share_add_bias", "rope_reorder", "freq_allocation",
+    "fuse_ln", "fuse_gate_detach_matmul", "use_flash_attention", "use_rmsnorm", "max_sequence_length",
+    "paddlenlp_version", "use_fast_ln", "weight_share_add_bias", "rope_reorder", "freq_allocation",
+    "add_tail_layers", "global_aux_loss", "moe_aux_loss_lambda", "moe_group_orthogonal_loss",
+    "moe_orthogonal_loss_lambda", "moe_z_loss_lambda", "model_name",
 )
+PADDLE_CONFIG_KEY = "paddle_config"
 # Keys that only transformers writes; dropped on the way to -Paddle.
 PT_ONLY_KEYS = ("torch_dtype", "dtype", "rope_parameters", "transformers_version", "_name_or_path")
 
@@ -28,6 +32,17 @@ MOE_KEYS = (
     "moe_layer_end_index", "moe_layer_interval", "moe_k", "moe_capacity", "moe_gate",
     "moe_norm_min", "moe_use_aux_free", "moe_gate_act", "router_aux_loss_coef",
 )
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file (config.json, tokenizer_config.json, ...); bad content is an ErnieError naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ErnieError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ErnieError(f"{path}: expected a JSON object")
+    return data
 
 
 @dataclass
@@ -73,6 +88,7 @@ class ErnieConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ErnieConfig":
+        raw = {**(raw.get(PADDLE_CONFIG_KEY) or {}), **raw}
         archs = raw.get("architectures") or []
         arch = archs[0] if archs else None
         model_type = raw.get("model_type")
@@ -119,7 +135,7 @@ class ErnieConfig:
         if cfg.hidden_act != "silu":
             raise ErnieError(f"{source}: hidden_act {cfg.hidden_act!r} is not supported (ERNIE 4.5 uses silu)")
         known = set(cls.__dataclass_fields__) | {"architectures", "model_type", "rope_parameters",
-                                                 "torch_dtype", "dtype"}
+                                                 "torch_dtype", "dtype", PADDLE_CONFIG_KEY}
         cfg.extra = {k: v for k, v in raw.items() if k not in known}
         return cfg
 
@@ -128,13 +144,7 @@ class ErnieConfig:
         file = Path(path) / "config.json"
         if not file.is_file():
             raise ErnieError(f"{file}: not found; a model directory needs its config.json")
-        try:
-            raw = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ErnieError(f"{file}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise ErnieError(f"{file}: expected a JSON object")
-        return cls.from_dict(raw, str(file))
+        return cls.from_dict(read_json(file), str(file))
 
     def _common(self) -> dict:
         return {
@@ -154,6 +164,11 @@ class ErnieConfig:
         out.update(self._common())
         out["torch_dtype"] = dtype or self.dtype
         out.update({k: v for k, v in self.extra.items() if k not in PADDLE_ONLY_KEYS})
+        paddle_only = {k: v for k, v in self.extra.items() if k in PADDLE_ONLY_KEYS}
+        if self.compression_ratio != 1.0:
+            paddle_only["compression_ratio"] = self.compression_ratio
+        if paddle_only:
+            out[PADDLE_CONFIG_KEY] = paddle_only
         return out
 
     def to_paddle_dict(self, dtype: str | None = None) -> dict:
