@@ -1,13 +1,30 @@
-"""Where the model runs: device resolution, dtype policy, and a quiet import of paddle."""
+"""Where the model runs: device resolution, dtype policy, Paddle flags and the NPU fused-op probe.
+
+Everything device-specific lives here. A place is Paddle's string: "cpu", "gpu:0", "npu:1", or any
+type a custom-device plugin registers ("xpu:0", "mlu:0", "intel_hpu:0", ...).
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
 import os
 import warnings
+from pathlib import Path
+
+import numpy as np
 
 from .errors import ErnieError
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+# Read once by Paddle and the NPU plugin when paddle is imported (official Ascend recipes).
+NPU_ENVIRONMENT = {"FLAGS_npu_jit_compile": "0", "FLAGS_npu_storage_format": "0"}
+INSTALL_HINTS = {"gpu": "install a GPU build of paddlepaddle",
+                 "npu": "install paddle-custom-npu, see README 'Ascend NPU'"}
+
+log = logging.getLogger(__name__)
 
 
 def import_paddle():
@@ -23,35 +40,181 @@ def import_paddle():
     return paddle
 
 
-def resolve(device: str = "auto") -> str:
-    """Turn 'auto', 'cpu', 'gpu[:i]', 'npu[:i]' into a Paddle place string and make it current."""
+def prepare_environment(device: str = "auto") -> None:
+    """Set the flags that are read only when paddle is imported; call before importing it.
+    Values already in the environment win."""
+    kind = _kind(device)
+    if kind in ("cpu", "gpu") or (kind == "auto" and not _plugins_installed()):
+        return
+    # Views on a custom device need its own `contiguous` kernel (no CPU fallback) unless strided
+    # kernels are off; the official NPU images turn them off too.
+    os.environ.setdefault("FLAGS_use_stride_kernel", "0")
+    if kind in ("npu", "auto"):
+        for name, value in NPU_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
+
+
+def available() -> list[str]:
+    """The places Paddle can run on here, in the order `auto` prefers: gpu, npu, other custom
+    devices, cpu."""
     paddle = import_paddle()
-    name = (device or "auto").lower()
+    gpus = [f"gpu:{i}" for i in range(paddle.device.cuda.device_count())]
+    custom = [p if ":" in p else f"{p}:0" for p in paddle.device.get_available_custom_device() or []]
+    custom.sort(key=lambda p: _kind(p) != "npu")
+    return gpus + custom + ["cpu"]
+
+
+def resolve(device: str = "auto") -> str:
+    """Turn 'auto', 'cpu', 'gpu[:i]', 'npu[:i]' or '<custom type>[:i]' into a Paddle place string
+    and make it current (always: a loaded plugin otherwise becomes the default device)."""
+    paddle = import_paddle()
+    places = available()
+    name = (device or "auto").strip().lower()
     if name == "auto":
-        name = "cpu"
-    if name != "cpu":
-        raise ErnieError(f"--device {device}: unknown or unavailable device; available: cpu")
+        name = places[0]
+    kind = _kind(name)
+    if name not in places and not (name == kind and any(_kind(p) == kind for p in places)):
+        raise ErnieError(_unavailable(device, places))
+    if kind not in ("cpu", "gpu"):  # as prepare_environment() does, for Python callers who did not
+        paddle.set_flags({"FLAGS_use_stride_kernel": False})
     paddle.set_device(name)
-    return name
+    return paddle.device.get_device()  # 'npu' becomes the index Paddle picked (FLAGS_selected_npus)
 
 
 def resolve_dtype(device: str, dtype: str = "auto") -> str:
+    """The compute dtype on a place. CPU computes in float32 only; GPU and NPU default to bfloat16
+    (float16 on GPUs older than Ampere); other custom devices to float32, which every backend has.
+    Whatever the dtype, the model keeps norm statistics, softmax and logits (so sampling) in float32."""
+    kind = _kind(device)
     if dtype in (None, "auto"):
-        return "float32" if device == "cpu" else "bfloat16"
+        if kind == "gpu":
+            major, _ = import_paddle().device.cuda.get_device_capability(device)
+            return "bfloat16" if major >= 8 else "float16"
+        return "bfloat16" if kind == "npu" else "float32"
     if dtype not in DTYPES:
         raise ErnieError(f"--dtype {dtype}: unknown dtype; choose from auto, {', '.join(DTYPES)}")
-    if device == "cpu" and dtype != "float32":
+    if kind == "cpu" and dtype != "float32":
         raise ErnieError(f"--dtype {dtype}: Paddle computes only in float32 on CPU; use --dtype float32")
     return dtype
 
 
 def synchronize(device: str):
-    if device != "cpu":
+    if device != "cpu":  # paddle.device.synchronize raises TypeError on a CPU place
         import_paddle().device.synchronize(device)
 
 
 def peak_memory(device: str) -> int | None:
-    """Peak bytes allocated on the device, or None where Paddle cannot say (CPU)."""
+    """Peak bytes allocated on the device, or None where Paddle cannot say (CPU, some plugins)."""
     if device == "cpu":
         return None
-    return int(import_paddle().device.max_memory_allocated(device))
+    try:
+        return int(import_paddle().device.max_memory_allocated(device))
+    except (ValueError, RuntimeError):
+        return None
+
+
+def fused_op(name: str, dtype: str):
+    """The NPU fused op `name` ("rms_norm_npu" or "flash_attention_npu") wrapped to the plain
+    path's signature, or None to take the plain path. Used only when the current place is an NPU
+    and the op, run on a small input, matches the plain computation; the choice is logged."""
+    place = import_paddle().device.get_device()
+    return _probe(name, place, dtype) if _kind(place) == "npu" else None
+
+
+def rms_norm_npu(x, weight, eps: float):
+    """RMSNorm of x [..., H] with weight [H], as model.RMSNorm computes it."""
+    return _run_custom_op("rms_norm_npu", x, weight, eps)[0]
+
+
+def flash_attention_npu(q, k, v, mask):
+    """Attention of q [B, T, heads, D] over k, v [B, kv_heads, S, D] (the KV-cache layout) with an
+    additive mask of B * T * S values ([B, T, S], or with axes of 1 for broadcasting); returns
+    [B, T, heads, D]."""
+    masked = (mask < 0).reshape([q.shape[0], 1, q.shape[1], k.shape[2]])  # the op takes True = cut
+    k, v = k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3])
+    # attrs: dropout, causal (its own square mask: wrong after a cache), return_softmax, is_test,
+    # is_triangle_upper_mask (would hide every key after the query index: wrong when decoding)
+    return _run_custom_op("flash_attention_npu", q, k, v, None, masked, 0.0, False, False, True, False)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(name: str, place: str, dtype: str):
+    """Run the fused op on the current place against a float32 numpy reference, once per place
+    and dtype; return its wrapper when it agrees, else None."""
+    op, check = FUSED[name]
+    try:
+        error = check(op, dtype)
+        usable = error <= (1e-4 if dtype == "float32" else 2e-2)
+        reason = f"max relative error {error:.1e} against the plain computation"
+    except Exception as e:  # any failure (op missing, signature or dtype unsupported) means plain
+        usable, reason = False, (str(e).strip().splitlines() or [type(e).__name__])[0]
+    log.info("%s on %s in %s: %s (%s)", name, place, dtype, "fused op" if usable else "plain path", reason)
+    return op if usable else None
+
+
+def _probe_rms_norm(op, dtype: str) -> float:
+    rng = np.random.default_rng(0)
+    x, weight = _random(rng, (2, 3, 64), dtype), _random(rng, (64,), dtype)
+    x32, weight32 = _values(x), _values(weight)
+    expected = weight32 * x32 / np.sqrt((x32 * x32).mean(-1, keepdims=True) + 1e-6)
+    return _relative_error(op(x, weight, 1e-6), expected)
+
+
+def _probe_attention(op, dtype: str) -> float:
+    """Grouped-query attention of 3 new queries over 5 cached keys: the decoding case."""
+    rng = np.random.default_rng(0)
+    t, s, heads, kv_heads, d = 3, 5, 4, 2, 64
+    q = _random(rng, (1, t, heads, d), dtype)
+    k, v = (_random(rng, (1, kv_heads, s, d), dtype) for _ in range(2))
+    visible = np.arange(s)[None, :] <= np.arange(s - t, s)[:, None]
+    mask = np.where(visible, 0.0, -1e30).astype(np.float32)[None]
+    k32, v32 = (np.repeat(_values(a), heads // kv_heads, axis=1) for a in (k, v))
+    scores = np.einsum("bthd,bhsd->bhts", _values(q), k32) / np.sqrt(d) + mask[:, None]
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = np.einsum("bhts,bhsd->bthd", probs / probs.sum(-1, keepdims=True), v32)
+    return _relative_error(op(q, k, v, import_paddle().to_tensor(mask)), expected)
+
+
+FUSED = {"rms_norm_npu": (rms_norm_npu, _probe_rms_norm),
+         "flash_attention_npu": (flash_attention_npu, _probe_attention)}
+
+
+def _run_custom_op(name, *args):
+    return import_paddle().base.core.eager._run_custom_op(name, *args)
+
+
+def _random(rng, shape, dtype: str):
+    return import_paddle().to_tensor(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+def _values(tensor) -> np.ndarray:
+    return tensor.astype("float32").numpy()
+
+
+def _relative_error(got, expected: np.ndarray) -> float:
+    got = _values(got)
+    if got.shape != expected.shape:
+        raise ValueError(f"output shape {list(got.shape)}, expected {list(expected.shape)}")
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
+
+
+def _kind(device: str) -> str:
+    return (device or "auto").strip().lower().split(":")[0]
+
+
+def _plugins_installed() -> bool:
+    """Whether `import paddle` will load a custom-device plugin (without importing paddle)."""
+    root = os.environ.get("CUSTOM_DEVICE_ROOT")
+    if root is None:
+        spec = importlib.util.find_spec("paddle")
+        if spec is None or not spec.submodule_search_locations:
+            return False
+        root = Path(list(spec.submodule_search_locations)[0]).parent / "paddle_custom_device"
+    return bool(root) and any(Path(root).glob("*.so"))
+
+
+def _unavailable(device: str, places: list[str]) -> str:
+    kind = _kind(device)
+    hint = INSTALL_HINTS.get(kind) if not any(_kind(p) == kind for p in places) else None
+    return (f"--device {device}: not available here; choose from auto, {', '.join(places)}"
+            + (f" ({kind}: {hint})" if hint else ""))

@@ -128,6 +128,7 @@ class ErniePredictor:
                  top_k: int = 0, seed: int | None = None, stop=None,
                  repetition_penalty: float = 1.0) -> list[GenerationResult]:
         """Generate for every prompt (a string or a list of token ids) as one batch."""
+        paddle.set_device(self.device)  # another predictor may have made its own device current
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self._ids(p) for p in prompts]
@@ -145,6 +146,7 @@ class ErniePredictor:
     def stream(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, stop=None, repetition_penalty: float = 1.0):
         """Yield Chunks (`.text`, `.token`, `.finish_reason` on the last one) for one prompt."""
+        paddle.set_device(self.device)
         ids = [self._ids(prompt)]
         settings = self._settings(max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty,
                                   [len(ids[0])])
@@ -153,6 +155,7 @@ class ErniePredictor:
     def logits(self, batch) -> np.ndarray:
         """float32 logits [B, T, V] for every position, without a cache. Rows shorter than the
         longest are right-padded; their padded positions carry no meaning."""
+        paddle.set_device(self.device)
         if batch and isinstance(batch[0], (int, np.integer)):
             batch = [batch]
         ids = [self._ids(row) for row in batch]
