@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from .device import prepare_environment
 from .errors import ErnieError
 
 
@@ -43,6 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-model", default=None, help="take the reference weights from this directory")
     p.add_argument("--prompts", default=None, help="file with one prompt per line, or JSONL")
     p.add_argument("--json", dest="json_out", default=None, help="write every figure to this JSON file")
+    p.add_argument("--greedy-tokens", type=int, default=32, help="tokens to generate greedily on both sides (0: none)")
+    p.add_argument("--min-cosine", type=float, default=None,
+                   help="lowest cosine similarity of the probabilities at any position "
+                        "(default 0.99999 fp32, 0.99 bf16/fp16)")
+    p.add_argument("--max-abs-dp", type=float, default=None,
+                   help="largest |probability difference| of any token (default 1e-4 fp32, 0.05 bf16/fp16)")
+    p.add_argument("--max-kl", type=float, default=None,
+                   help="largest KL(reference||candidate) in nats at any position (default 1e-5 fp32, 0.02 bf16/fp16)")
+    p.add_argument("--min-top1", type=float, default=None,
+                   help="fraction of positions with the same top-1 token (default 1.0 fp32, 0.9 bf16/fp16)")
+    p.add_argument("--min-greedy", type=float, default=None,
+                   help="fraction of greedy tokens generated identically (default 1.0 fp32, 0 bf16/fp16)")
     _device_args(p)
 
     p = sub.add_parser("bench", help="latency / throughput / TPOT table")
@@ -55,21 +68,34 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deploy", help="write a FastDeploy / vLLM / vLLM-Ascend serving config")
     p.add_argument("engine", choices=["fastdeploy", "vllm", "vllm-ascend"])
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default=None, choices=["gpu", "xpu", "dcu", "iluvatar", "npu"])
+    p.add_argument("--model", required=True, help="local model directory (either layout)")
+    p.add_argument("--out", required=True, help="directory to write (must not exist unless --overwrite)")
+    p.add_argument("--device", default=None, choices=["gpu", "xpu", "dcu", "iluvatar", "npu"],
+                   help="default: gpu (fastdeploy, vllm), npu (vllm-ascend)")
     p.add_argument("--quantization", default="none", choices=["none", "wint8", "wint4", "block_wise_fp8"])
     p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None, help="default: 32768 FastDeploy, 4096 vLLM")
     p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--fastdeploy-version", default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--kv-cache-ratio", type=float, default=None, help="FastDeploy only")
+    p.add_argument("--port", type=int, default=None, help="API port (default: 8180 FastDeploy, 8000 vLLM)")
+    p.add_argument("--metrics-port", type=int, default=None, help="FastDeploy only (default: port+1)")
+    p.add_argument("--engine-worker-queue-port", type=int, default=None, help="FastDeploy only (default: port+2)")
+    p.add_argument("--cache-queue-port", type=int, default=None, help="FastDeploy only (default: port+3)")
+    p.add_argument("--no-port-check", action="store_true",
+                   help="do not check that the ports are free here (the config is for another machine)")
+    p.add_argument("--model-ref", default=None,
+                   help="what the engine should load: a hub id or the path on the serving machine "
+                        "(default: the absolute path of --model)")
+    p.add_argument("--fastdeploy-version", default=None, help="FastDeploy release targeted (default: 2.3)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("serve", help="serve the Paddle predictor over an OpenAI-style HTTP API")
     p.add_argument("--model", required=True)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8180)
+    p.add_argument("--port", type=int, default=8180, help="0 picks a free port")
+    p.add_argument("--served-model-name", default=None, help="default: the model directory's name")
     _device_args(p)
     return parser
 
@@ -102,6 +128,7 @@ def main(argv=None) -> int:
         from converters.cli import main as convert_main
         return convert_main(argv[1:], prog="ernie-paddle convert")
     args = _parser().parse_args(argv)
+    prepare_environment(getattr(args, "device", None) or "auto")
     try:
         return _run(args) or 0
     except ErnieError as e:
