@@ -60,10 +60,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency / throughput / TPOT table")
     p.add_argument("--model", required=True)
-    p.add_argument("--input-lens", default="7,11,33")
-    p.add_argument("--output-lens", default="32,64,128")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--input-lens", default="7,11,33", help="prompt lengths in tokens, comma-separated")
+    p.add_argument("--output-lens", default="32,64,128", help="generated tokens, comma-separated")
+    p.add_argument("--batch", type=int, default=1, help="prompts per run; throughput counts all of them")
+    p.add_argument("--warmup", type=int, default=1, help="short untimed runs first")
+    p.add_argument("--repeat", type=int, default=1, help="runs per cell; the fastest is reported")
+    p.add_argument("--json", dest="json_out", default=None, help="write every figure to this JSON file")
     _device_args(p)
 
     p = sub.add_parser("deploy", help="write a FastDeploy / vLLM / vLLM-Ascend serving config")
