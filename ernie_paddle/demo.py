@@ -25,8 +25,10 @@ def transformers_logits(model_dir: Path, batch: list[list[int]]) -> list[np.ndar
     try:
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging
     except ImportError:
         return None
+    logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return [model(torch.tensor([ids])).logits[0].numpy() for ids in batch]
@@ -37,18 +39,19 @@ def run_demo(device: str = "auto", dtype: str = "auto") -> int:
 
     from .predictor import ErniePredictor
 
-    facts = demo_facts()[:6]
+    facts = [f for f in demo_facts() if f["prompt"].isascii()][:4] + \
+        [f for f in demo_facts() if not f["prompt"].isascii()][:4]
     print(f"1. the embedded model: {DEMO_MODEL.name} (-PT layout, transformers names)")
     with tempfile.TemporaryDirectory(prefix="ernie-demo-") as tmp:
         paddle_dir = Path(tmp) / "ernie-4.5-tiny-demo-Paddle"
         pt2paddle(DEMO_MODEL, paddle_dir, progress=False)
         print(f"2. converted to the -Paddle layout: convert pt2paddle {DEMO_MODEL.name} {paddle_dir.name}")
         pred = ErniePredictor.from_pretrained(paddle_dir, device=device, dtype=dtype, progress=False)
-        print(f"3. generating on {pred.device} in {pred.dtype} with Paddle (greedy):")
+        print(f"3. generating on {pred.device} in {pred.dtype} with Paddle (greedy; the model's text in brackets):")
         prompts = [f["prompt"] for f in facts]
         results = pred.generate(prompts, max_new_tokens=16, stop=["\n"])
         for prompt, result in zip(prompts, results):
-            print(f"   {prompt}\u2192{result.text}")
+            print(f"   {prompt}[{result.text}]")
         print(f"   ({sum(r.generated_tokens for r in results)} tokens for {len(prompts)} prompts in one batch)")
 
         ids = [pred.tokenizer.encode(p) for p in prompts]
