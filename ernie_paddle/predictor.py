@@ -12,7 +12,7 @@ import numpy as np
 from converters import mapping
 
 from . import device as devices
-from .checkpoint import Checkpoint, cast, resolve_model_dir
+from .checkpoint import CODES, DTYPES, ITEMSIZE, Checkpoint, cast, resolve_model_dir
 from .config import ErnieConfig
 from .errors import ErnieError
 from .generate import Chunk, GenerationSettings, stream_batch
@@ -22,6 +22,7 @@ from .tokenizer import Tokenizer
 paddle = devices.import_paddle()
 
 PROGRESS_BYTES = 256 << 20  # show a loading bar for checkpoints larger than this
+READ_BLOCK_BYTES = 4 << 20  # checkpoint bytes read (and cast) at a time
 
 
 @dataclass
@@ -58,14 +59,46 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, dtype: str, progress
             if info.shape != tuple(want):
                 raise ErnieError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but config.json "
                                  f"implies {list(want)}; the weights and config.json do not belong together")
-        parts = [cast(ckpt.read(n), ckpt.dtype(n), dtype) for n in sources]
-        array = parts[0] if layout == "paddle" else mapping.to_paddle(group, parts)
-        param.set_value(np.ascontiguousarray(array))
+        _fill(param, ckpt, group, layout, dtype)
         bar.update(sum(ckpt.tensors[n].nbytes for n in sources))
     bar.close()
     if params:
         name = sorted(params)[0]
         raise ErnieError(f"{ckpt.directory}: tensor {name!r} (or its -PT parts) is missing from the checkpoint")
+
+
+def _fill(param, ckpt: Checkpoint, group: mapping.Group, layout: str, dtype: str):
+    """Write one parameter from its checkpoint tensors. A CPU parameter is written in place through a
+    numpy view of its memory, and a tensor used as it is stored streams in blocks, so loading never
+    holds a second whole copy of a tensor: peak memory stays close to the weights themselves."""
+    on_cpu = param.place.is_cpu_place()
+    target = np.from_dlpack(param.detach()) if on_cpu else np.empty(param.shape, DTYPES[CODES[dtype]][1])
+    if layout == "paddle" or group.how == mapping.COPY:
+        _read_blocks(ckpt, group.paddle if layout == "paddle" else group.pt[0], target, dtype)
+    else:
+        target[...] = mapping.to_paddle(group, [cast(ckpt.read(n), ckpt.dtype(n), dtype) for n in group.pt])
+    if not on_cpu:
+        param.set_value(target)
+
+
+def _read_blocks(ckpt: Checkpoint, name: str, out: np.ndarray, dtype: str):
+    """Read tensor `name` into `out` (same shape, `dtype` storage) a block of rows at a time."""
+    info = ckpt.tensors[name]
+    storage = DTYPES[CODES[info.dtype]][1]
+    rows = out.reshape(out.shape[0], -1)
+    per_block = max(1, READ_BLOCK_BYTES // (rows.shape[1] * ITEMSIZE[info.dtype]))
+    try:
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            for start in range(0, rows.shape[0], per_block):
+                dst = rows[start:start + per_block]
+                block = np.fromfile(f, dtype=storage, count=dst.size)
+                if block.size != dst.size:
+                    raise ErnieError(f"{info.file}: truncated while reading tensor {name!r}; "
+                                     "re-download or re-convert it")
+                dst[...] = cast(block, ckpt.dtype(name), dtype).reshape(dst.shape)
+    except OSError as e:
+        raise ErnieError(f"{info.file}: cannot read tensor {name!r} ({e.strerror})") from None
 
 
 class ErniePredictor:

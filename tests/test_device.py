@@ -161,14 +161,15 @@ def test_fused_op_probe(fake_npu, caplog, op, ops, chosen, logged):
 
 def test_fused_ops_only_on_npu_places(fake_npu):
     fake_npu(npu_ops)
-    assert device.fused_op("rms_norm_npu", "float32") is None  # the current place is the CPU
+    assert device.fused_op("attention", "float32") is None  # the current place is the CPU
+    assert device.fused_op("rms_norm", "float32") is device.rms_norm_cpu
 
 
 def test_model_with_fused_ops_matches_the_plain_path(fake_npu, monkeypatch, tiny_pt):
     directory, _ = tiny_pt
     plain = ErniePredictor.from_pretrained(directory, device="cpu", dtype="float32")
     fake_npu(npu_ops)
-    monkeypatch.setattr(device, "fused_op", lambda name, dtype: device._probe(name, "npu:0", dtype))
+    monkeypatch.setattr(device, "fused_op", lambda name, dtype: device._probe(device.NPU_OPS[name], "npu:0", dtype))
     fused = ErniePredictor.from_pretrained(directory, device="cpu", dtype="float32")
     assert fused.model.ernie.norm.fused is device.rms_norm_npu
     assert fused.model.ernie.layers[0].self_attn.fused is device.flash_attention_npu

@@ -1,0 +1,166 @@
+"""Latency / throughput / TPOT of greedy generation, for a grid of prompt and output lengths.
+
+Prompts are random token ids, and every run generates exactly its output length (an end-of-text
+token does not stop it). Decoding reads every weight once per step, so the achieved weight bandwidth
+is weight bytes / TPOT; `matmul_ceiling` measures what Paddle's bare matmuls allow over the same
+weights, one call per matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import device as devices
+from .errors import ErnieError
+from .generate import GenerationSettings, decode_steps
+
+paddle = devices.import_paddle()
+
+
+@dataclass
+class BenchRow:
+    input_len: int
+    output_len: int
+    batch: int
+    latency_s: float            # prompt in, last token out
+    throughput_tps: float       # generated tokens (all rows) per second of latency
+    tpot_s: float               # time per output token after the first
+    ttft_s: float               # time to first token (prefill and one sample)
+    prefill_tps: float          # prompt tokens (all rows) per second of TTFT
+    bandwidth_gbps: float       # weight bytes read per decode step / TPOT
+
+
+def weight_bytes(model) -> int:
+    return sum(int(np.prod(p.shape)) * p.element_size() for p in model.parameters())
+
+
+def peak_memory(device: str) -> int | None:
+    """Peak device memory in bytes; on CPU the process's peak resident set (VmHWM)."""
+    if device != "cpu":
+        return devices.peak_memory(device)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def random_prompts(vocab_size: int, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, vocab_size, size=(batch, length)).tolist()
+
+
+def time_generation(model, prompts: list[list[int]], output_len: int) -> tuple[float, float]:
+    """(seconds to the first token, seconds to the last) of a greedy run of exactly `output_len` tokens."""
+    start = time.perf_counter()
+    first = None
+    for _ in decode_steps(model, prompts, GenerationSettings(max_new_tokens=output_len)):
+        first = first or time.perf_counter()  # each yielded token is on the host: the device is done
+    return first - start, time.perf_counter() - start
+
+
+def measure(model, input_len: int, output_len: int, batch: int = 1, repeat: int = 1) -> BenchRow:
+    """One table row: the fastest of `repeat` runs (the least disturbed by other work)."""
+    prompts = random_prompts(model.config.vocab_size, batch, input_len)
+    ttft, latency = min(time_generation(model, prompts, output_len) for _ in range(repeat))
+    tpot = (latency - ttft) / (output_len - 1) if output_len > 1 else 0.0
+    return BenchRow(input_len, output_len, batch, latency, batch * output_len / latency, tpot, ttft,
+                    batch * input_len / ttft, weight_bytes(model) / tpot / 1e9 if tpot else 0.0)
+
+
+def matmul_ceiling(model, device: str, repeat: int = 5) -> float:
+    """Seconds for one batch-1 pass of bare `paddle.matmul`, one call per weight matrix as the model
+    lays them out (the tied embedding as the lm_head): the bound for a decode step that reads its
+    weights that way. The fastest of `repeat` passes."""
+    matrices = [p for p in model.parameters() if len(p.shape) == 2]
+    embedding = model.ernie.embed_tokens
+    inputs = {}
+    for w in matrices:
+        size = w.shape[1] if w is embedding else w.shape[0]
+        inputs.setdefault(size, paddle.randn([1, size]).astype(w.dtype))
+
+    def one_pass():
+        for w in matrices:
+            if w is embedding and model.lm_head is None:
+                paddle.matmul(inputs[w.shape[1]], w, transpose_y=True)
+            elif w is not embedding:
+                paddle.matmul(inputs[w.shape[0]], w)
+        devices.synchronize(device)
+
+    one_pass()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        one_pass()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run(model, device: str, input_lens, output_lens, batch: int = 1, warmup: int = 1,
+        repeat: int = 1) -> list[BenchRow]:
+    for _ in range(warmup):
+        time_generation(model, random_prompts(model.config.vocab_size, batch, min(input_lens)), 4)
+    return [measure(model, i, o, batch, repeat) for i in input_lens for o in output_lens]
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    lines = ["| input | output | batch | latency (s) | throughput (tok/s) | TPOT (s) | TTFT (s) "
+             "| prefill (tok/s) | weights read (GB/s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.input_len} | {r.output_len} | {r.batch} | {r.latency_s:.3f} | {r.throughput_tps:.2f} "
+                     f"| {r.tpot_s:.4f} | {r.ttft_s:.3f} | {r.prefill_tps:.1f} | {r.bandwidth_gbps:.1f} |")
+    return "\n".join(lines)
+
+
+def _lengths(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ErnieError(f"{option} {text!r}: expected positive integers separated by commas, e.g. 7,11,33")
+    return values
+
+
+def run_bench(args) -> int:
+    from .predictor import ErniePredictor
+
+    input_lens = _lengths(args.input_lens, "--input-lens")
+    output_lens = _lengths(args.output_lens, "--output-lens")
+    for option, value in (("--batch", args.batch), ("--repeat", args.repeat)):
+        if value < 1:
+            raise ErnieError(f"{option} {value}: must be at least 1")
+    if args.warmup < 0:
+        raise ErnieError(f"--warmup {args.warmup}: must be at least 0")
+    start = time.perf_counter()
+    pred = ErniePredictor.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    load_s = time.perf_counter() - start
+    limit = pred.config.max_position_embeddings
+    if max(input_lens) + max(output_lens) > limit:
+        raise ErnieError(f"--input-lens/--output-lens: {max(input_lens)} + {max(output_lens)} tokens exceed the "
+                         f"model's {limit} positions")
+    model = pred.model
+    ceiling_s = matmul_ceiling(model, pred.device)
+    rows = run(model, pred.device, input_lens, output_lens, args.batch, args.warmup, args.repeat)
+    peak = peak_memory(pred.device)
+    nbytes = weight_bytes(model)
+
+    print(f"{args.model} on {pred.device}, {pred.dtype}, batch {args.batch}: weights {nbytes / 1e9:.2f} GB, "
+          f"loaded in {load_s:.1f} s")
+    print(format_table(rows))
+    print(f"Paddle's bare matmuls over these weights: {1 / ceiling_s:.1f} tok/s at batch 1 "
+          f"({nbytes / ceiling_s / 1e9:.1f} GB/s)")
+    print(f"peak memory: {peak / 2**30:.2f} GiB" if peak else "peak memory: not reported by this device")
+    if args.json_out:
+        report = dict(model=str(args.model), device=pred.device, dtype=pred.dtype, batch=args.batch,
+                      weight_bytes=nbytes, load_s=load_s, peak_memory_bytes=peak,
+                      matmul_ceiling_tps=1 / ceiling_s, rows=[asdict(r) for r in rows])
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0

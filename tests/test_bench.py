@@ -1,0 +1,60 @@
+"""`ernie-paddle bench`: the table and the JSON report on a tiny model (fields only, no timings)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import save_tiny_pt
+from ernie_paddle.cli import main
+
+ROW_FIELDS = {"input_len", "output_len", "batch", "latency_s", "throughput_tps", "tpot_s", "ttft_s",
+              "prefill_tps", "bandwidth_gbps"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny")
+    save_tiny_pt(directory)
+    return directory
+
+
+def test_table_and_json(model_dir, tmp_path):
+    report = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "ernie_paddle", "bench", "--model", str(model_dir), "--device", "cpu",
+                          "--input-lens", "3,5", "--output-lens", "2,4", "--batch", "2", "--json", str(report)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.strip() == f"wrote {report}"
+    lines = run.stdout.splitlines()
+    assert lines[1].startswith("| input | output | batch | latency (s) | throughput (tok/s) | TPOT (s) | TTFT (s)")
+    cells = [line.split("|")[1:4] for line in lines[3:7]]
+    expected = [["3", "2", "2"], ["3", "4", "2"], ["5", "2", "2"], ["5", "4", "2"]]
+    assert [[c.strip() for c in row] for row in cells] == expected
+    assert any(line.startswith("Paddle's bare matmuls over these weights:") for line in lines)
+    assert any(line.startswith("peak memory: ") and "GiB" in line for line in lines)
+
+    data = json.loads(report.read_text())
+    assert data["device"] == "cpu" and data["dtype"] == "float32" and data["batch"] == 2
+    assert data["weight_bytes"] > 0 and data["peak_memory_bytes"] > data["weight_bytes"]
+    assert data["load_s"] > 0 and data["matmul_ceiling_tps"] > 0
+    assert [(r["input_len"], r["output_len"]) for r in data["rows"]] == [(3, 2), (3, 4), (5, 2), (5, 4)]
+    for row in data["rows"]:
+        assert set(row) == ROW_FIELDS
+        assert row["throughput_tps"] == pytest.approx(row["batch"] * row["output_len"] / row["latency_s"])
+        assert 0 < row["ttft_s"] <= row["latency_s"] and row["tpot_s"] > 0
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--input-lens", "7,x", "--input-lens '7,x': expected positive integers"),
+    ("--output-lens", "0", "--output-lens '0': expected positive integers"),
+    ("--batch", "0", "--batch 0: must be at least 1"),
+    ("--output-lens", "600", "exceed the model's 512 positions"),
+])
+def test_bad_options_fail_in_one_line(capsys, model_dir, flag, value, message):
+    code = main(["bench", "--model", str(model_dir), "--device", "cpu", flag, value])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("ernie-paddle bench: error: ")
+    assert message in lines[0]
