@@ -27,7 +27,8 @@ from ernie_paddle.checkpoint import (FLOAT_DTYPES, INDEX_FILE, ITEMSIZE, Checkpo
 from ernie_paddle.config import ErnieConfig, read_json
 from ernie_paddle.errors import ErnieError
 
-from .mapping import ROUTER, expected_paddle_shape, paddle_shape, plan, pt_shapes, to_paddle, to_pt
+from .mapping import (ROUTER, check_tied_head, expected_paddle_shape, paddle_shape, plan, pt_shapes, to_paddle,
+                      to_pt)
 
 PT, PADDLE = "pt", "paddle"
 LAYOUT_NAME = {PT: "-PT", PADDLE: "-Paddle"}
@@ -167,6 +168,7 @@ def target_tensors(source, config: ErnieConfig, target: str, dtype: str, where) 
     rank = {file: i for i, file in enumerate(dict.fromkeys(t.file for t in source.tensors.values()))}
     names = sorted(source.names, key=lambda n: (rank[source.tensors[n].file], source.tensors[n].start))
     try:
+        check_tied_head(config, {n: t.shape for n, t in source.tensors.items()}, layout)
         groups, skipped = plan(names, layout, config.tie_word_embeddings)
     except ErnieError as e:
         raise ErnieError(f"{where}: {e}") from None

@@ -81,6 +81,17 @@ def split_sizes(paddle_name: str, config: ErnieConfig, width: int) -> list[int]:
     return [width // 2, width // 2]
 
 
+def check_tied_head(config: ErnieConfig, shapes: dict, layout: str):
+    """A tied model's `lm_head.weight`, when a -Paddle file carries one, is the embedding [V, H]. An
+    [H, V] head is an untied model whose config.json says tied (or leaves the key out: Paddle-side
+    code defaults to untied, transformers to tied); loading it as tied would silently drop the head."""
+    shape = shapes.get("lm_head.weight")
+    V, H = config.vocab_size, config.hidden_size
+    if layout == "paddle" and config.tie_word_embeddings and shape is not None and tuple(shape) == (H, V) != (V, H):
+        raise ErnieError(f"tensor 'lm_head.weight' is an untied head [{H}, {V}], but config.json ties the "
+                         "embeddings (tie_word_embeddings true or absent); add \"tie_word_embeddings\": false to it")
+
+
 def plan(names, layout: str, tied: bool | None = None) -> tuple[list[Group], list[str]]:
     """Group a checkpoint's tensor names (of `layout`, 'pt' or 'paddle') into rules.
     Returns (groups, skipped names). A tied lm_head copy in a -Paddle file maps to nothing in -PT."""

@@ -67,7 +67,7 @@ def time_generation(model, prompts: list[list[int]], output_len: int) -> tuple[f
 def measure(model, input_len: int, output_len: int, batch: int = 1, repeat: int = 1) -> BenchRow:
     """One table row: the fastest of `repeat` runs (the least disturbed by other work)."""
     prompts = random_prompts(model.config.vocab_size, batch, input_len)
-    ttft, latency = min(time_generation(model, prompts, output_len) for _ in range(repeat))
+    ttft, latency = min((time_generation(model, prompts, output_len) for _ in range(repeat)), key=lambda r: r[1])
     tpot = (latency - ttft) / (output_len - 1) if output_len > 1 else 0.0
     return BenchRow(input_len, output_len, batch, latency, batch * output_len / latency, tpot, ttft,
                     batch * input_len / ttft, weight_bytes(model) / tpot / 1e9 if tpot else 0.0)

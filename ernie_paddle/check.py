@@ -234,6 +234,9 @@ def transformers_side(directory: Path, eos_ids, pad_id: int, progress: bool = Tr
     """transformers' model in float32 on CPU; a -Paddle directory is converted to -PT in a temporary directory."""
     torch, model_class = import_torch_reference()
     from transformers import GenerationConfig, __version__
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # our own output is the table
 
     with tempfile.TemporaryDirectory(prefix="ernie-check-") as tmp:
         pt_dir = directory

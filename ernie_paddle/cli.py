@@ -102,7 +102,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_output_file(path):
+    """Fail before minutes of work, not after, when a --json file cannot be written."""
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ErnieError(f"--json {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+
+
 def _run(args) -> int:
+    _check_output_file(getattr(args, "json_out", None))
     if args.command == "generate":
         from .predictor import run_generate
         return run_generate(args)

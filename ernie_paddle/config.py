@@ -27,13 +27,6 @@ PADDLE_CONFIG_KEY = "paddle_config"
 # Keys that only transformers writes; dropped on the way to -Paddle.
 PT_ONLY_KEYS = ("torch_dtype", "dtype", "rope_parameters", "transformers_version", "_name_or_path")
 
-MOE_KEYS = (
-    "moe_num_experts", "moe_intermediate_size", "moe_num_shared_experts", "moe_layer_start_index",
-    "moe_layer_end_index", "moe_layer_interval", "moe_k", "moe_capacity", "moe_gate",
-    "moe_norm_min", "moe_use_aux_free", "moe_gate_act", "router_aux_loss_coef",
-)
-
-
 def read_json(path: Path) -> dict:
     """A JSON object file (config.json, tokenizer_config.json, ...); bad content is an ErnieError naming it."""
     try:
@@ -69,22 +62,9 @@ class ErnieConfig:
     extra: dict = field(default_factory=dict)  # every other key of the source file, carried over
 
     @property
-    def kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def eos_token_ids(self) -> list[int]:
         eos = self.eos_token_id
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-    def is_moe_layer(self, i: int) -> bool:
-        if self.kind != "moe":
-            return False
-        start = self.extra.get("moe_layer_start_index", 0)
-        end = self.extra.get("moe_layer_end_index", -1)
-        end = self.num_hidden_layers - 1 if end in (-1, None) else end
-        interval = self.extra.get("moe_layer_interval", 1)
-        return start <= i <= end and (i - start) % interval == 0
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ErnieConfig":
@@ -176,7 +156,7 @@ class ErnieConfig:
         out = {"architectures": [PADDLE_ARCHITECTURE[self.kind]], "model_type": PT_MODEL_TYPE[self.kind]}
         out.update(self._common())
         out["dtype"] = dtype or self.dtype
-        if self.compression_ratio != 1.0 or "compression_ratio" in self.extra:
+        if self.compression_ratio != 1.0:
             out["compression_ratio"] = self.compression_ratio
         out.update({k: v for k, v in self.extra.items() if k not in PT_ONLY_KEYS})
         return out

@@ -41,12 +41,16 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, dtype: str, progress
     -PT tensors are mapped on the fly with the converters' rules."""
     config = model.config
     layout = ckpt.layout
+    try:
+        mapping.check_tied_head(config, {n: t.shape for n, t in ckpt.tensors.items()}, layout)
+    except ErnieError as e:
+        raise ErnieError(f"{ckpt.directory}: {e}") from None
     groups, _ = mapping.plan(ckpt.names, layout, config.tie_word_embeddings)
     params = model.weights()
     total = sum(info.nbytes for info in ckpt.tensors.values())
     from tqdm import tqdm
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", file=sys.stderr,
-               disable=not progress or total < PROGRESS_BYTES)
+               disable=True if not progress or total < PROGRESS_BYTES else None)  # None: only on a terminal
     for group in groups:
         sources = [group.paddle] if layout == "paddle" else list(group.pt)
         param = params.pop(group.paddle, None)
@@ -144,6 +148,8 @@ class ErniePredictor:
 
     def _settings(self, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty,
                   prompt_lens) -> GenerationSettings:
+        if repetition_penalty <= 0:
+            raise ErnieError(f"repetition_penalty {repetition_penalty}: must be > 0 (1 disables it)")
         if max_new_tokens < 1:
             raise ErnieError(f"max_new_tokens {max_new_tokens}: must be at least 1")
         if max(prompt_lens) + max_new_tokens > self.config.max_position_embeddings:
@@ -162,8 +168,10 @@ class ErniePredictor:
                  repetition_penalty: float = 1.0) -> list[GenerationResult]:
         """Generate for every prompt (a string or a list of token ids) as one batch."""
         paddle.set_device(self.device)  # another predictor may have made its own device current
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
+        if not len(prompts):
+            raise ErnieError("no prompts: give at least one")
         ids = [self._ids(p) for p in prompts]
         settings = self._settings(max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty,
                                   [len(i) for i in ids])
@@ -189,9 +197,11 @@ class ErniePredictor:
         """float32 logits [B, T, V] for every position, without a cache. Rows shorter than the
         longest are right-padded; their padded positions carry no meaning."""
         paddle.set_device(self.device)
-        if batch and isinstance(batch[0], (int, np.integer)):
+        if len(batch) and isinstance(batch[0], (int, np.integer)):
             batch = [batch]
         ids = [self._ids(row) for row in batch]
+        if not ids:
+            raise ErnieError("no prompts: give at least one")
         length = max(len(r) for r in ids)
         padded = np.zeros([len(ids), length], dtype=np.int64)
         for i, row in enumerate(ids):
@@ -227,7 +237,8 @@ def run_generate(args) -> int:
             print(prompt, end="", flush=True)
             for chunk in pred.stream(prompt, **kwargs):
                 print(chunk.text, end="", flush=True)
-            print(f"\n[{chunk.finish_reason}; {chunk.generated_tokens} tokens, "
+            print()
+            print(f"[{chunk.finish_reason}; {chunk.generated_tokens} tokens, "
                   f"{chunk.generation_tps:.1f} tok/s]", file=sys.stderr)
         return 0
     for prompt, result in zip(args.prompt, pred.generate(args.prompt, **kwargs)):

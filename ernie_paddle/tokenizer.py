@@ -34,7 +34,6 @@ class Tokenizer:
         self.add_bos = bool(config.get("add_bos_token", False))
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = max(self.sp.pad_id(), self.sp.unk_id(), 0)
-        self.chat_template = config.get("chat_template")
 
         n = self.sp.GetPieceSize()
         self.special_ids = {i for i in range(n) if self.sp.IsControl(i) or self.sp.IsUnknown(i)}
@@ -80,9 +79,6 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
 
-    def id_to_piece(self, token: int) -> str:
-        return self.sp.IdToPiece(int(token)) if 0 <= token < self.vocab_size else f"<id {token}>"
-
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)
 
@@ -105,17 +101,12 @@ class StreamingDetokenizer:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""
 
     def add(self, token: int) -> str:
-        piece = self.decoder.decode(self.tokenizer.token_bytes(int(token)))
-        self.text += piece
-        return piece
+        return self.decoder.decode(self.tokenizer.token_bytes(int(token)))
 
     def finish(self) -> str:
-        piece = self.decoder.decode(b"", final=True)
-        self.text += piece
-        return piece
+        return self.decoder.decode(b"", final=True)
 
 
 def _read_json(path: Path) -> dict:

@@ -351,6 +351,18 @@ def test_unknown_architecture(models, capsys, tmp_path):
     assert_failed_cleanly(code, err, dst, "config.json", "LlamaForCausalLM", "not ERNIE 4.5")
 
 
+def test_untied_head_under_a_config_without_the_tie_key(models, capsys, tmp_path):
+    """Paddle-side code defaults to untied: an [H, V] head must not be dropped as a tied copy."""
+    paddle_dir = tmp_path / "untied-Paddle"
+    pt2paddle(models["untied"], paddle_dir, progress=False)
+    config = json.loads((paddle_dir / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (paddle_dir / "config.json").write_text(json.dumps(config))
+    dst = tmp_path / "out"
+    code, _, err = run(capsys, "paddle2pt", paddle_dir, dst)
+    assert_failed_cleanly(code, err, dst, "lm_head.weight", "untied head", '"tie_word_embeddings": false')
+
+
 def test_truncated_safetensors(models, capsys, tmp_path):
     src = copy_model(models["bf16"], tmp_path / "cut")
     weights = src / "model.safetensors"

@@ -40,3 +40,22 @@ def test_demo_command(capsys):
     assert "The capital of France is[ Paris.]" in out
     assert "法国的首都是[巴黎。]" in out
     assert "next-token top-1 agrees 8/8" in out
+
+
+def test_generate_stream_command_ends_each_prompt_with_a_newline(capsys):
+    argv = ["generate", "--model", str(DEMO_MODEL), "--device", "cpu", "--stream",
+            "--prompt", "The capital of France is", "--prompt", "法国的首都是"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out == "The capital of France is Paris.\n法国的首都是巴黎。\n"
+
+
+def test_tokenizer_agrees_with_transformers(demo):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    texts = [f["prompt"] + f["expected"] for f in demo_facts()] + ["<|begin_of_sentence|>User: 龘 🙂\nAssistant: "]
+    for text in texts:
+        ids = demo.tokenizer.encode(text)
+        assert ids == reference.encode(text, add_special_tokens=False), text
+        assert demo.tokenizer.decode(ids) == reference.decode(ids, skip_special_tokens=True), text

@@ -192,6 +192,18 @@ def check_keys(config: dict, allowed: dict, path: Path):
         assert allowed[key] is not int or not isinstance(value, bool), f"{path}: {key} = {value!r}"
 
 
+def test_argument_tables_hold_the_engines_real_names():
+    """The tables the YAML is checked against, pinned to names read in the engines' own argument
+    parsers (FastDeploy args_utils.py: underscored dests; vLLM arg_utils.py: hyphenated flags)."""
+    for name in ["max_model_len", "max_num_seqs", "tensor_parallel_size", "kv_cache_ratio", "quantization",
+                 "engine_worker_queue_port", "cache_queue_port", "metrics_port", "gpu_memory_utilization"]:
+        assert name in deploy.FASTDEPLOY_ARGS, name
+    for name in ["max-model-len", "max-num-seqs", "tensor-parallel-size", "gpu-memory-utilization",
+                 "enforce-eager", "served-model-name", "dtype"]:
+        assert name in deploy.VLLM_ARGS, name
+    assert not any("-" in k for k in deploy.FASTDEPLOY_ARGS) and not any("_" in k for k in deploy.VLLM_ARGS)
+
+
 def test_fastdeploy_yaml_has_only_fastdeploy_argument_names():
     files = rendered_configs("fastdeploy.yaml")
     assert len(files) == 20  # 3 GPU quantizations x 4 models, 2 XPU + DCU + Iluvatar x 2 -Paddle

@@ -34,6 +34,11 @@ def reference_generate(model, prompts, n):
     return [row[width:].tolist() for row in out]
 
 
+def upto_eos(ids):
+    """After eos (id 2) transformers pads a finished row; ours stops it: compare up to the first eos."""
+    return ids[:ids.index(2) + 1] if 2 in ids else ids
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
@@ -56,9 +61,6 @@ def test_greedy_generation_matches_transformers(pair):
     reference, directory = pair
     pred = ErniePredictor.from_pretrained(directory, device="cpu")
     expected = reference_generate(reference, PROMPTS, 32)
-    # After eos (id 2) transformers pads a finished row; ours stops it: compare up to the first eos.
-    def upto_eos(ids):
-        return ids[:ids.index(2) + 1] if 2 in ids else ids
     batch = pred.generate(PROMPTS, max_new_tokens=32)
     for prompt, want, got in zip(PROMPTS, expected, batch):
         assert got.token_ids == upto_eos(want)
@@ -79,7 +81,7 @@ def test_paddle_layout_gives_same_tokens(tmp_path):
         assert np.array_equal(param.numpy(), from_pt.model.weights()[name].numpy()), name
     want = reference_generate(reference, PROMPTS[:2], 32)
     got = from_paddle.generate(PROMPTS[:2], max_new_tokens=32)
-    assert [g.token_ids for g in got] == [w[:len(g.token_ids)] for w, g in zip(want, got)]
+    assert [g.token_ids for g in got] == [upto_eos(w) for w in want]
     assert np.abs(from_paddle.logits([PROMPTS[0]])[0] - reference_logits(reference, PROMPTS[0])).max() <= 1e-4
 
 
@@ -115,7 +117,7 @@ def test_repetition_penalty_matches_transformers(tmp_path):
         want = reference.generate(ids, max_new_tokens=24, do_sample=False, repetition_penalty=1.3,
                                   pad_token_id=0)[0, len(PROMPTS[0]):].tolist()
     got = pred.generate([PROMPTS[0]], max_new_tokens=24, repetition_penalty=1.3)[0].token_ids
-    assert got == want[:len(got)]
+    assert got == upto_eos(want)
 
 
 def test_paddle_file_with_u16_bf16_and_fp16_checkpoint(tmp_path):
@@ -143,3 +145,31 @@ def test_paddle_file_with_u16_bf16_and_fp16_checkpoint(tmp_path):
     from_fp16 = ErniePredictor.from_pretrained(tmp_path / "fp16", device="cpu")
     want = reference_logits(rounded_to_fp16, PROMPTS[0])
     assert np.abs(from_fp16.logits(ids)[0] - want).max() <= 1e-4
+
+
+def test_untied_paddle_head_under_a_tied_config_is_an_error(tmp_path):
+    """Paddle-side code defaults to untied embeddings: a -Paddle config that leaves the key out must
+    not load an [H, V] head as if the model were tied."""
+    from converters.convert import pt2paddle
+    from ernie_paddle import ErnieError
+
+    save_tiny_pt(tmp_path / "pt", tie_word_embeddings=False)
+    pt2paddle(tmp_path / "pt", tmp_path / "paddle", progress=False)
+    config = json.loads((tmp_path / "paddle" / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (tmp_path / "paddle" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ErnieError, match="untied head .* add \"tie_word_embeddings\": false"):
+        ErniePredictor.from_pretrained(tmp_path / "paddle", device="cpu")
+
+
+def test_numpy_ids_and_empty_batches(tmp_path):
+    from ernie_paddle import ErnieError
+
+    save_tiny_pt(tmp_path)
+    pred = ErniePredictor.from_pretrained(tmp_path, device="cpu")
+    ids = np.array(PROMPTS[1])
+    assert pred.generate(list(ids), max_new_tokens=4)[0].token_ids == pred.generate([PROMPTS[1]], max_new_tokens=4)[0].token_ids
+    with pytest.raises(ErnieError, match="no prompts"):
+        pred.generate([])
+    with pytest.raises(ErnieError, match="repetition_penalty 0"):
+        pred.generate([PROMPTS[1]], repetition_penalty=0)
