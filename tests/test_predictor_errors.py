@@ -121,3 +121,18 @@ def test_bad_generation_arguments(model_dir):
         pred.generate([[5, 9999]])
     with pytest.raises(ErnieError, match="no tokenizer.model"):
         pred.generate(["text needs a tokenizer"])
+
+
+def test_without_paddle_one_line_says_what_to_install(tmp_path):
+    """GPU/NPU users bring their own Paddle, so the package does not require it: when it is
+    missing, the CLI says in one line what to install."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "paddle.py").write_text("raise ImportError('No module named paddle')\n")
+    env = {**os.environ, "PYTHONPATH": f"{shim}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "ernie_paddle", "generate", "--model", str(tmp_path),
+                           "--prompt", "x", "--device", "cpu"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "ernie-paddle generate: error: PaddlePaddle is not installed: pip install 'ernie-paddle[cpu]' for CPU, "
+        "or install your GPU/NPU Paddle build (see README)"]
