@@ -11,12 +11,13 @@ import pytest
 from conftest import save_tiny_pt, save_tiny_tokenizer
 from converters.convert import pt2paddle
 from ernie_paddle import check
+from ernie_paddle.demo import DEMO_MODEL
 from ernie_paddle.checkpoint import Checkpoint, write_safetensors
 from ernie_paddle.cli import main
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ErnieError
 
-DEMO = Path(check.__file__).parent / "assets" / "ernie-4.5-tiny-demo-PT"
+DEMO = DEMO_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +202,6 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
-@pytest.mark.skipif(not DEMO.is_dir(), reason="the embedded demo model is not built yet")
 def test_demo_model_out_of_the_box(capsys):
     code, out, _ = run(capsys, "--model", DEMO)
     assert code == 0, out

@@ -13,22 +13,19 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from ernie_paddle import deploy
+from ernie_paddle.demo import DEMO_MODEL as DEMO
 from ernie_paddle.serve import make_server
 
-DEMO = Path(__file__).resolve().parent.parent / "ernie_paddle" / "assets" / "ernie-4.5-tiny-demo-PT"
 PROMPT = "The capital of France is"
 TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
 def predictor():
-    if not DEMO.is_dir():
-        pytest.skip(f"{DEMO} not built yet (tools/build_demo_model.py)")
     from ernie_paddle import ErniePredictor
     return ErniePredictor.from_pretrained(DEMO, device="cpu", dtype="float32", progress=False)
 
