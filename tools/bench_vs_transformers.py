@@ -12,13 +12,15 @@ one run measures, alternating the two systems round by round and keeping each on
 - aggregate decode throughput of ErniePredictor at batch B against batch 1;
 - loading the -Paddle bf16 checkpoint until the first token, and the peak resident memory of a
   128-token float32 run, in a fresh process that never imports torch.
-llama.cpp is not run (no build here); ../shared/spec/anchors.md lists its figures on this machine kind.
+With `--llama-gguf FILE` (an F32 GGUF of the same architecture) and `llama-bench` on PATH, llama.cpp's
+tg/pp figures are printed too; ../shared/spec/anchors.md lists them for this machine kind.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,6 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; each system's best is kept")
+    parser.add_argument("--llama-gguf", default=None, help="GGUF for llama-bench, when a llama.cpp build is on PATH")
     parser.add_argument("--keep", default=None, help="build the checkpoints here and reuse them next time")
     parser.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)  # the fresh-process part
     args = parser.parse_args(argv)
@@ -171,8 +174,20 @@ def main(argv=None) -> int:
     print(f"peak RSS of a {n}-token float32 run: {load['peak_rss_bytes'] / 1e9:.2f} GB = "
           f"{load['peak_rss_bytes'] / load['weight_bytes']:.2f}x the float32 weights "
           f"(limit 1.3x + KV cache: {limit / 1e9:.2f} GB)")
-    print("llama.cpp: no build here, not run")
+    print(llama_cpp(args.llama_gguf, args.new_tokens, args.prefill_len))
     return 0
+
+
+def llama_cpp(gguf: str | None, new_tokens: int, prefill_len: int) -> str:
+    """llama.cpp's own benchmark on 2 threads, when a build and a GGUF of the model are at hand."""
+    bench = shutil.which("llama-bench")
+    if not bench or not gguf:
+        return "llama.cpp: not run (" + ("no llama-bench on PATH" if not bench else "no --llama-gguf given") + ")"
+    out = subprocess.run([bench, "-m", gguf, "-t", "2", "-n", str(new_tokens), "-p", str(prefill_len), "-o", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out)
+    return "llama.cpp: " + ", ".join(f"{'tg' if r['n_gen'] else 'pp'}{r['n_gen'] or r['n_prompt']} "
+                                     f"{r['avg_ts']:.1f} tok/s" for r in rows)
 
 
 if __name__ == "__main__":
