@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import device
+from . import cpu_kernel, device
 from .config import ErnieConfig
 from .device import import_paddle
 
@@ -46,14 +46,16 @@ class RMSNorm(nn.Layer):
 
 def project(x, w, transpose_w: bool = False):
     """x [..., K] @ w, with w [K, N], or [N, K] when `transpose_w` (the tied lm_head).
-    MKL computes a one-row product (batch-1 decoding) on one core only; on CPU it is run instead as a
-    batch of two products over the halves of w's rows (contiguous views), which MKL spreads over two
-    cores: 1.15x faster decoding on 2 cores. Halves of K give partial sums, halves of N output halves.
-    For the lm_head with 8 to 32 rows (batched decoding), MKL is 1.3x faster computing w @ x^T and
-    transposing the small result than x @ w^T, and needs no transposed copy of the embedding."""
+    On CPU, decoding (a few rows) runs the weight-streaming kernel of cpu_kernel.py. Without it, MKL
+    computes a one-row product on one core only, so it is run as a batch of two products over the
+    halves of w's rows (contiguous views), which MKL spreads over two cores: halves of K give partial
+    sums, halves of N output halves. For the lm_head with 8 to 32 rows MKL is 1.3x faster computing
+    w @ x^T and transposing the small result than x @ w^T."""
     rows = math.prod(x.shape[:-1])
     if not w.place.is_cpu_place():
         return paddle.matmul(x, w, transpose_y=transpose_w)
+    if rows <= cpu_kernel.MAX_ROWS and w.dtype == paddle.float32 and cpu_kernel.available():
+        return cpu_kernel.matmul(x, w, transpose_w)
     if transpose_w and 8 <= rows <= 32:
         return paddle.matmul(w, x.reshape([rows, -1]), transpose_y=True).t().reshape([*x.shape[:-1], -1])
     if not (device.cpu_threads() > 1 and rows == 1 and w.shape[0] % 2 == 0):
@@ -226,7 +228,7 @@ class ErnieForCausalLM(nn.Layer):
         if self.lm_head is None:
             logits = project(x, self.ernie.embed_tokens, transpose_w=True)
         else:
-            logits = paddle.matmul(x, self.lm_head)
+            logits = project(x, self.lm_head)
         return logits.astype("float32")
 
 

@@ -1,0 +1,121 @@
+"""The CPU decoding matmul (csrc/cpu_matmul.cc) as a Paddle custom operator: built once per machine
+with Paddle's own extension builder, cached, and loaded in milliseconds afterwards.
+
+Decoding multiplies a few rows by every weight matrix, so its speed is the speed of reading the
+weights; the kernel reads them at close to the machine's bandwidth on all cores where MKL's one-row
+product does not (measured side by side by tools/bench_vs_transformers.py). Without a C++ compiler, or
+with ERNIE_PADDLE_CPU_KERNEL=0, Paddle's matmul is used instead: same results to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .device import cpu_threads, import_paddle
+
+OP = "ernie_cpu_matmul"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_matmul.cc"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-w"]
+# Linked to the OpenMP runtime that Paddle's MKL uses (libiomp5, which also serves GCC's OpenMP
+# calls), not GCC's libgomp: one pool of threads for both. With two pools, each one's workers spin
+# waiting for work on the cores the other needs, and decoding ran 3x slower.
+MAX_ROWS = 32  # above this (prefill), MKL's blocked GEMM is compute-bound and faster
+
+log = logging.getLogger(__name__)
+
+# Run in a child process: the builder prints build logs and registers the op in its own process.
+BUILD = """
+import sys, warnings
+warnings.simplefilter("ignore")
+from paddle.utils.cpp_extension import load
+import os, paddle
+libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
+load(name=sys.argv[1], sources=[sys.argv[2]], extra_cxx_cflags=sys.argv[4:], build_directory=sys.argv[3],
+     extra_ldflags=[f"-L{libs}", "-liomp5", f"-Wl,-rpath,{libs}"])
+"""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ERNIE_PADDLE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ernie-paddle")
+    return Path(root) / "kernels"
+
+
+def matmul(x, w, transpose_w: bool = False, threads: int | None = None):
+    """x [..., K] @ w ([K, N], or [N, K] when `transpose_w`), float32 on CPU."""
+    return import_paddle().base.core.eager._run_custom_op(OP, x, w, transpose_w, threads or cpu_threads())[0]
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the kernel is loaded in this process, building it first if this machine has not."""
+    if os.environ.get("ERNIE_PADDLE_CPU_KERNEL", "1") == "0":
+        return False
+    library = cache_dir() / _build_key() / f"{OP}.so"
+    failed = library.with_suffix(".failed")
+    if failed.exists():
+        log.debug("CPU kernel: an earlier build failed (%s); using Paddle's matmul", failed)
+        return False
+    try:
+        if not library.exists():
+            _build(library)
+        import_paddle().base.core.load_op_meta_info_and_register_op(str(library))
+        return True
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        try:
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            failed.write_text(reason + "\n")
+        except OSError:
+            pass
+        print(f"ernie-paddle: the CPU decoding kernel could not be built ({reason}); decoding uses "
+              f"Paddle's matmul, about 1.4x slower. Install a C++ compiler and remove {failed} to retry.",
+              file=sys.stderr)
+        return False
+
+
+def _build_key() -> str:
+    """Changes with anything the library depends on: the source, flags, Paddle, and the CPU
+    (-march=native)."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    paddle = import_paddle()
+    digest.update(f"{paddle.__version__} {paddle.__file__}".encode())
+    digest.update(platform.machine().encode())
+    digest.update(_cpu_flags().encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(library: Path):
+    library.parent.mkdir(parents=True, exist_ok=True)
+    print("ernie-paddle: building the CPU decoding kernel for this machine (once, about 15 s) ...",
+          file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=library.parent) as work:
+        done = subprocess.run([sys.executable, "-c", BUILD, OP, str(SOURCE), work, *FLAGS],
+                              capture_output=True, text=True, timeout=900)
+        built = sorted(Path(work).rglob(f"{OP}*.so"))
+        if done.returncode != 0 or not built:
+            lines = [line for line in (done.stderr + done.stdout).splitlines() if "error" in line.lower()]
+            raise RuntimeError(lines[0] if lines else f"the build exited with code {done.returncode}")
+        os.replace(built[0], library)  # complete or absent, even with two builders at once
+    print(f"ernie-paddle: built in {time.perf_counter() - started:.1f} s ({library})", file=sys.stderr)

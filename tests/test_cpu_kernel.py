@@ -1,0 +1,84 @@
+"""The CPU decoding kernel (ernie_paddle/csrc/cpu_matmul.cc): built for real, checked against numpy
+in float64 on awkward shapes, and the fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ernie_paddle import cpu_kernel, device
+
+paddle = device.import_paddle()
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C++ compiler to build the CPU kernel")
+
+# (rows, K, N): one row and several; K and N neither multiples of the 8-row step nor of 16 lanes;
+# a 1-wide output; more rows than the 4-row tiles; shapes of the real model.
+SHAPES = [(1, 1024, 1536), (1, 37, 50), (3, 37, 50), (5, 7, 3), (8, 64, 1), (2, 16, 40), (33, 100, 17),
+          (4, 3072, 40), (32, 96, 211)]
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,k,n", SHAPES)
+def test_kernel_matches_numpy(rows, k, n, threads, transpose_w):
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    stored = np.ascontiguousarray(w.T) if transpose_w else w
+    got = cpu_kernel.matmul(paddle.to_tensor(x), paddle.to_tensor(stored), transpose_w, threads).numpy()
+    expected = x.astype(np.float64) @ w.astype(np.float64)
+    assert got.shape == (rows, n) and got.dtype == np.float32
+    # float32 rounding of a K-term sum: well under 1e-6 * K relative to the terms' scale
+    assert np.abs(got - expected).max() <= 1e-6 * k * np.abs(x).max() * np.abs(w).max()
+
+
+def test_kernel_keeps_leading_axes_and_takes_views():
+    rng = np.random.default_rng(0)
+    x = paddle.to_tensor(rng.standard_normal((2, 3, 40)).astype(np.float32))
+    w = paddle.to_tensor(rng.standard_normal((24, 30)).astype(np.float32))
+    got = cpu_kernel.matmul(x[:, :, 8:32], w)  # a strided view of x
+    assert got.shape == [2, 3, 30]
+    np.testing.assert_allclose(got.numpy(), x.numpy()[:, :, 8:32] @ w.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_uses_the_kernel(monkeypatch):
+    from ernie_paddle.model import project
+    calls = []
+    monkeypatch.setattr(cpu_kernel, "matmul", lambda *args: calls.append(args) or paddle.zeros([1, 4]))
+    x, w = paddle.ones([1, 8]), paddle.ones([8, 4])
+    project(x, w)
+    assert len(calls) == 1
+    project(paddle.ones([cpu_kernel.MAX_ROWS + 1, 8]), w)  # prefill: MKL
+    assert len(calls) == 1
+
+
+def run_generate(tmp_path, cache, **env):
+    code = ("from ernie_paddle import ErniePredictor, cpu_kernel\n"
+            f"p = ErniePredictor.from_pretrained({str(tmp_path / 'model')!r}, device='cpu', progress=False)\n"
+            "print(cpu_kernel.available(), p.generate([[5, 6, 7]], max_new_tokens=4)[0].token_ids)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ERNIE_PADDLE_CACHE": str(cache), **env})
+
+
+def test_without_a_compiler_decoding_falls_back_to_paddle_matmul(tmp_path):
+    from conftest import save_tiny_pt
+    save_tiny_pt(tmp_path / "model")
+    cache = tmp_path / "cache"
+    broken = {"CC": "/bin/false", "CXX": "/bin/false", "LDSHARED": "/bin/false"}
+    first = run_generate(tmp_path, cache, **broken)
+    assert first.returncode == 0, first.stderr
+    warnings = [line for line in first.stderr.splitlines() if "could not be built" in line]
+    assert len(warnings) == 1 and "remove" in warnings[0], first.stderr
+    assert first.stdout.startswith("False")
+    assert list(cache.rglob("*.failed")) and not list(cache.rglob("*.so"))
+    again = run_generate(tmp_path, cache, **broken)  # the failure is remembered: no rebuild, no noise
+    assert again.returncode == 0 and again.stderr == "" and again.stdout == first.stdout
+    off = run_generate(tmp_path, tmp_path / "unused", ERNIE_PADDLE_CPU_KERNEL="0")
+    assert off.returncode == 0 and off.stdout == first.stdout and not (tmp_path / "unused").exists()
+    on = run_generate(tmp_path, cpu_kernel.cache_dir().parent)  # the built kernel: same greedy tokens
+    assert on.returncode == 0 and on.stdout.replace("True", "False", 1) == first.stdout
