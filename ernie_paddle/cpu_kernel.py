@@ -52,7 +52,18 @@ def cache_dir() -> Path:
 
 def matmul(x, w, transpose_w: bool = False, threads: int | None = None):
     """x [..., K] @ w ([K, N], or [N, K] when `transpose_w`), float32 on CPU."""
-    return import_paddle().base.core.eager._run_custom_op(OP, x, w, transpose_w, threads or cpu_threads())[0]
+    return _run_custom_op(OP, x, w, transpose_w, threads or cpu_threads())[0]
+
+
+def decode_attention(qkv, cos, sin, keys, values, mask, pos: int, heads: int, scale: float):
+    """One decoding step of attention (csrc/cpu_matmul.cc says what it takes); writes the new key
+    and value into `keys` and `values` at `pos`; returns [B, 1, heads * D]."""
+    return _run_custom_op("ernie_cpu_decode_attention", qkv, cos, sin, keys, values, mask, pos, heads, scale,
+                          cpu_threads())[0]
+
+
+def _run_custom_op(name, *args):
+    return import_paddle().base.core.eager._run_custom_op(name, *args)
 
 
 @functools.lru_cache(maxsize=None)

@@ -47,8 +47,10 @@ def decode_steps(model: ErnieForCausalLM, prompts: list[list[int]], settings: Ge
         valid[row, :prompt_len - len(prompt)] = 0
     positions = paddle.to_tensor(np.maximum(valid.cumsum(-1) - 1, 0))
     valid = paddle.to_tensor(valid)
-    # For one new query the mask is only "which keys are padding": [B, 1, total], sliced per step.
+    # A new query at position p sees the whole cache but its padding and the positions after p:
+    # [B, 1, total] = padding mask + row p of a causal table.
     key_mask = paddle.where(valid > 0, paddle.zeros([], "float32"), paddle.full([], MASKED, "float32")).unsqueeze(1)
+    future = causal_mask(paddle.ones([1, total], "int64"), 0, total)[0]
     cache = KVCache.allocate(config, batch, total, model.dtype_name)
 
     tokens = paddle.to_tensor(ids)
@@ -69,7 +71,7 @@ def decode_steps(model: ErnieForCausalLM, prompts: list[list[int]], settings: Ge
             if seen is not None:
                 seen = paddle.put_along_axis(seen, token, paddle.ones([batch, 1], "float32"), axis=-1, reduce="add")
             pos = prompt_len + step
-            logits = model(token, positions[:, pos:pos + 1], key_mask[:, :, :pos + 1], cache, pos, last_only=True)
+            logits = model(token, positions[:, pos:pos + 1], key_mask + future[pos:pos + 1], cache, pos, last_only=True)
 
 
 @dataclass

@@ -93,23 +93,36 @@ class Rope:
             return paddle.matmul(h, self.swap_matrix)
         return paddle.index_select(h, self.swap, axis=-1)
 
-    def at(self, positions: paddle.Tensor):
-        """The rotation for integer positions [B, T], as a function of x [B, T, heads + kv_heads, D]
-        (queries and keys together)."""
+    def at(self, positions: paddle.Tensor) -> "Rotation":
+        """The rotation for integer positions [B, T]."""
         pos = positions.astype("float32")
         if self.compression_ratio != 1.0:
             pos = pos / self.compression_ratio
         angles = (pos.unsqueeze(-1) * self.freqs).unsqueeze(2)
+        return Rotation(paddle.cos(angles), paddle.sin(angles) * self.signs, self)
+
+
+class Rotation:
+    """RoPE at a batch of positions: `cos`, `sin` [B, T, 1, D] (sin negated on even channels).
+    Calling it rotates x [B, T, heads + kv_heads, D], queries and keys together."""
+
+    def __init__(self, cos, sin, rope: Rope):
+        self.cos, self.sin, self.swap_pairs = cos, sin, rope.swap_pairs
         # Expanded to every head once here: full-shape elementwise ops are several times cheaper
         # than broadcasting ones on CPU, and each layer does four of them.
-        shape = [*positions.shape, self.heads, angles.shape[-1]]
-        cos, sin = paddle.cos(angles).expand(shape), (paddle.sin(angles) * self.signs).expand(shape)
+        shape = [*cos.shape[:2], rope.heads, cos.shape[-1]]
+        self.full_cos, self.full_sin = cos.expand(shape), sin.expand(shape)
 
-        def rotate(x):
-            h = x.astype("float32")
-            return (h * cos + self.swap_pairs(h) * sin).astype(x.dtype)
+    def __call__(self, x):
+        h = x.astype("float32")
+        return (h * self.full_cos + self.swap_pairs(h) * self.full_sin).astype(x.dtype)
 
-        return rotate
+
+def decoding_on_cpu(x, cache, start: int) -> bool:
+    """Whether this call is a decoding step that the CPU kernel's fused attention takes: one new
+    token per row after the prompt, float32 on CPU."""
+    return (cache is not None and start > 0 and x.shape[1] == 1 and x.place.is_cpu_place()
+            and x.dtype == paddle.float32 and cpu_kernel.available())
 
 
 @dataclass
@@ -137,7 +150,11 @@ class Attention(nn.Layer):
     def forward(self, x, rotate, mask, cache_kv, start: int):
         b, t, _ = x.shape
         d, h, kvh = self.head_dim, self.heads, self.kv_heads
-        qkv = project(x, self.qkv_proj).reshape([b, t, h + 2 * kvh, d])
+        qkv = project(x, self.qkv_proj)
+        if decoding_on_cpu(x, cache_kv, start):
+            out = cpu_kernel.decode_attention(qkv, rotate.cos, rotate.sin, *cache_kv, mask, start, h, self.scale)
+            return project(out, self.o_proj)
+        qkv = qkv.reshape([b, t, h + 2 * kvh, d])
         qk, v = paddle.split(qkv, [h + kvh, kvh], axis=2)
         q, k = paddle.split(rotate(qk), [h, kvh], axis=2)
         k, v = k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3])
@@ -145,7 +162,11 @@ class Attention(nn.Layer):
             keys, values = cache_kv
             keys[:, :, start:start + t] = k
             values[:, :, start:start + t] = v
-            k, v = keys[:, :, :start + t], values[:, :, :start + t]
+            if start > 0:
+                # Attend over the whole cache, the mask hiding what is not written yet: a slice of
+                # the filled part is a strided view that matmul first copies, which cost 8x the
+                # attention itself at batch 8.
+                k, v = keys, values
         if self.fused is not None:
             return paddle.matmul(self.fused(q, k, v, mask).reshape([b, t, h * d]), self.o_proj)
         # GQA without repeating K/V: query head j uses kv head j // groups, so fold the groups of
@@ -213,12 +234,14 @@ class ErnieForCausalLM(nn.Layer):
 
     def forward(self, input_ids, positions, mask, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False):
-        """input_ids, positions: [B, T] int64; mask: additive float32 [B, T, S] over the S keys seen
-        (cache positions 0..start+T, or the T new tokens when there is no cache).
+        """input_ids, positions: [B, T] int64; mask: additive float32 [B, T, S] over the S keys
+        attended: the T new tokens when `start` is 0 or there is no cache, else the whole cache
+        (positions not written yet masked).
         Returns float32 logits [B, T, V], or [B, V] for the last position when `last_only`."""
         x = F.embedding(input_ids, self.ernie.embed_tokens)
         rotate = self.rope.at(positions)
-        mask = self.ernie.layers[0].self_attn.expand_mask(mask)
+        if not decoding_on_cpu(x, cache, start):
+            mask = self.ernie.layers[0].self_attn.expand_mask(mask)
         for i, layer in enumerate(self.ernie.layers):
             cache_kv = (cache.keys[i], cache.values[i]) if cache is not None else None
             x = layer(x, rotate, mask, cache_kv, start)

@@ -13,7 +13,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "paddle/extension.h"
@@ -40,63 +42,93 @@ inline void share(int64_t n, int t, int threads, int64_t align, int64_t* begin, 
 }
 
 // y[M, N] = x[M, K] @ w[K, N]. Each thread owns a range of w's rows, one contiguous block of memory
-// that it streams eight rows at a time, adding x[m, k] * w[k, :] into a partial y that stays in
-// L1/L2; the partial sums of the threads are added at the end.
-constexpr int kRowsPerStep = 16;
+// that it streams kStep rows at a time, adding x[m, k] * w[k, :] into its own partial y; the
+// partial sums of the threads are added at the end. The partial y is laid out in blocks of (up to)
+// 8 rows x 16 columns, and each step's x values are transposed into a small table, so the inner loop
+// addresses both at constant offsets from one pointer and keeps the w vectors in registers.
+constexpr int kStep = 8;  // rows of w per step; 8 beat 2, 4 and 16 in decoding on a 2-core EPYC
+constexpr int kBlock = 8;  // rows of x per block (8 independent accumulator chains)
+constexpr int kBlockFloats = kBlock * kLanes;
 
-// y[0:XR, n:n+16] += x[0:XR, k:k+rows] @ (the w vectors of rows k..k+rows). The XR accumulators are
-// independent, so XR FMAs are in flight at once rather than one chain waiting on each result.
-template <int XR>
-inline void add_block(const float* x, const Vec* wv, int rows, float* y, int64_t K, int64_t N) {
-  Vec acc[XR];
-  for (int i = 0; i < XR; ++i) acc[i] = load(y + i * N);
-  for (int j = 0; j < rows; ++j)
-    for (int i = 0; i < XR; ++i) acc[i] += x[i * K + j] * wv[j];
-  for (int i = 0; i < XR; ++i) store(y + i * N, acc[i]);
+inline Vec load_partial(const float* p, int64_t count) {  // the tail vector of a row, zero-padded
+  Vec v = {};
+  std::memcpy(&v, p, count * sizeof(float));
+  return v;
 }
 
-void add_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t k0, int64_t k1) {
-  std::memset(y, 0, M * N * sizeof(float));
-  const int64_t n_vec = N / kLanes * kLanes;
-  for (int64_t k = k0; k < k1; k += kRowsPerStep) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRowsPerStep, k1 - k));
+// acc[0:XR] += xt[j][0:XR] * wv[j] over the kStep rows j of one step.
+template <int XR>
+inline void add_block(const float* xt, const Vec* wv, float* acc_block) {
+  Vec acc[XR];
+  for (int i = 0; i < XR; ++i) acc[i] = load(acc_block + i * kLanes);
+  for (int j = 0; j < kStep; ++j)
+    for (int i = 0; i < XR; ++i) acc[i] += xt[j * kBlock + i] * wv[j];
+  for (int i = 0; i < XR; ++i) store(acc_block + i * kLanes, acc[i]);
+}
+
+template <int... XR>
+inline void add_block_of(int rows, const float* xt, const Vec* wv, float* acc_block,
+                         std::integer_sequence<int, XR...>) {
+  ((rows == XR + 1 ? add_block<XR + 1>(xt, wv, acc_block) : void()), ...);
+}
+
+// Where row m, columns 16v..16v+15 of a partial y start: blocks of 8 rows (the last one shorter), each
+// [vectors][rows in the block][kLanes].
+inline int64_t acc_offset(int64_t m, int64_t v, int64_t M, int64_t vectors) {
+  const int64_t b = m / kBlock, rows = std::min<int64_t>(kBlock, M - b * kBlock);
+  return b * vectors * kBlockFloats + (v * rows + m % kBlock) * kLanes;
+}
+
+// The partial y of rows k0..k1 of w, into `acc` (M * vectors * kLanes floats, see acc_offset).
+void add_rows(const float* x, const float* w, float* acc, int64_t M, int64_t K, int64_t N, int64_t k0, int64_t k1) {
+  const int64_t blocks = (M + kBlock - 1) / kBlock, vectors = (N + kLanes - 1) / kLanes;
+  std::fill(acc, acc + M * vectors * kLanes, 0.f);
+  std::vector<float> xt(blocks * kStep * kBlock);
+  for (int64_t k = k0; k < k1; k += kStep) {
+    const int rows = static_cast<int>(std::min<int64_t>(kStep, k1 - k));
+    std::fill(xt.begin(), xt.end(), 0.f);  // rows past K and x rows past M stay zero
+    for (int64_t m = 0; m < M; ++m)
+      for (int j = 0; j < rows; ++j) xt[(m / kBlock * kStep + j) * kBlock + m % kBlock] = x[m * K + k + j];
     const float* wk = w + k * N;
-    for (int64_t n = 0; n < n_vec; n += kLanes) {
-      Vec wv[kRowsPerStep];
-      for (int j = 0; j < rows; ++j) wv[j] = load(wk + j * N + n);
-      int64_t m = 0;
-      for (; m + 8 <= M; m += 8) add_block<8>(x + m * K + k, wv, rows, y + m * N + n, K, N);
-      switch (M - m) {
-        case 7: add_block<7>(x + m * K + k, wv, rows, y + m * N + n, K, N); break;
-        case 6: add_block<6>(x + m * K + k, wv, rows, y + m * N + n, K, N); break;
-        case 5: add_block<5>(x + m * K + k, wv, rows, y + m * N + n, K, N); break;
-        case 4: add_block<4>(x + m * K + k, wv, rows, y + m * N + n, K, N); break;
-        case 3: add_block<3>(x + m * K + k, wv, rows, y + m * N + n, K, N); break;
-        case 2: add_block<2>(x + m * K + k, wv, rows, y + m * N + n, K, N); break;
-        case 1: add_block<1>(x + m * K + k, wv, rows, y + m * N + n, K, N); break;
+    for (int64_t v = 0; v < vectors; ++v) {
+      const int64_t n = v * kLanes, width = std::min<int64_t>(kLanes, N - n);
+      Vec wv[kStep] = {};
+      for (int j = 0; j < rows; ++j) wv[j] = width == kLanes ? load(wk + j * N + n) : load_partial(wk + j * N + n, width);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int block_rows = static_cast<int>(std::min<int64_t>(kBlock, M - b * kBlock));
+        float* acc_block = acc + acc_offset(b * kBlock, v, M, vectors);
+        if (block_rows == kBlock) add_block<kBlock>(xt.data() + b * kStep * kBlock, wv, acc_block);
+        else add_block_of(block_rows, xt.data() + b * kStep * kBlock, wv, acc_block,
+                          std::make_integer_sequence<int, kBlock - 1>());
       }
     }
-    for (int64_t n = n_vec; n < N; ++n)
-      for (int64_t m = 0; m < M; ++m)
-        for (int j = 0; j < rows; ++j) y[m * N + n] += x[m * K + k + j] * wk[j * N + n];
   }
 }
 
 void matmul_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int threads) {
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, K / kRowsPerStep)));
-  std::vector<float> partials((threads - 1) * M * N);
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (K + kStep - 1) / kStep)));
+  const int64_t vectors = (N + kLanes - 1) / kLanes, size = M * vectors * kLanes;
+  // Reused across calls (a fresh buffer this size would be mmap'ed and page-faulted every call);
+  // one per calling thread, shared with its OpenMP workers.
+  static thread_local std::vector<float> partials;
+  if (static_cast<int64_t>(partials.size()) < threads * size) partials.resize(threads * size);
+  float* all = partials.data();
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), used = omp_get_num_threads();
     int64_t k0, k1;
-    share(K, t, used, kRowsPerStep, &k0, &k1);
-    add_rows(x, w, t == 0 ? y : partials.data() + (t - 1) * M * N, M, K, N, k0, k1);
+    share(K, t, used, kStep, &k0, &k1);
+    add_rows(x, w, all + t * size, M, K, N, k0, k1);
 #pragma omp barrier
-    int64_t i0, i1;
-    share(M * N, t, used, kLanes, &i0, &i1);
-    for (int p = 1; p < used; ++p) {
-      const float* part = partials.data() + (p - 1) * M * N;
-      for (int64_t i = i0; i < i1; ++i) y[i] += part[i];
+    int64_t r0, r1;  // vectors of y: sum over the threads' partials, write the valid columns
+    share(M * vectors, t, used, 1, &r0, &r1);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t m = r / vectors, v = r % vectors, at = acc_offset(m, v, M, vectors);
+      Vec sum = load(all + at);
+      for (int p = 1; p < used; ++p) sum += load(all + p * size + at);
+      const int64_t n = v * kLanes, width = std::min<int64_t>(kLanes, N - n);
+      if (width == kLanes) store(y + m * N + n, sum);
+      else std::memcpy(y + m * N + n, &sum, width * sizeof(float));
     }
   }
 }
@@ -185,6 +217,67 @@ std::vector<std::vector<int64_t>> CpuMatmulShape(const std::vector<int64_t>& x, 
 
 std::vector<paddle::DataType> CpuMatmulDtype(const paddle::DataType& x, const paddle::DataType& w) { return {x}; }
 
+
+// One decoding step of attention for every row and head: RoPE on the new query and key, the new key
+// and value written into the cache at `pos`, then softmax(q k^T * scale + mask) v over cache
+// positions 0..pos (later ones are masked out anyway). Replaces ~20 small Paddle ops per layer.
+//   qkv [B, 1, (H + 2 KV) * D] as the fused projection gives it ([Q | K | V], head-major)
+//   cos, sin [B, D]: RoPE of each row's position, sin negated on even channels (interleaved pairs)
+//   keys, values [B, KV, L, D]: the cache, written in place;  mask [B, 1, L] additive
+//   returns [B, 1, H * D]
+void rope(const float* x, const float* cos, const float* sin, float* out, int64_t D) {
+  for (int64_t i = 0; i < D; i += 2) {
+    out[i] = x[i] * cos[i] + x[i + 1] * sin[i];
+    out[i + 1] = x[i + 1] * cos[i + 1] + x[i] * sin[i + 1];
+  }
+}
+
+std::vector<paddle::Tensor> CpuDecodeAttention(const paddle::Tensor& qkv, const paddle::Tensor& cos,
+                                               const paddle::Tensor& sin, paddle::Tensor& keys,
+                                               paddle::Tensor& values, const paddle::Tensor& mask, int pos,
+                                               int heads, float scale, int threads) {
+  const std::vector<int64_t> cs = keys.shape();
+  const int64_t B = cs[0], KV = cs[1], L = cs[2], D = cs[3], H = heads, G = H / KV;
+  PD_CHECK(qkv.numel() == B * (H + 2 * KV) * D && mask.numel() == B * L && pos >= 0 && pos < L,
+           "ernie_cpu_decode_attention: shapes do not match the cache");
+  paddle::Tensor out = paddle::empty({B, 1, H * D}, paddle::DataType::FLOAT32, qkv.place());
+  const float *x = qkv.data<float>(), *c = cos.data<float>(), *s = sin.data<float>(), *m = mask.data<float>();
+  float *k_cache = keys.data<float>(), *v_cache = values.data<float>(), *y = out.data<float>();
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t task = 0; task < B * KV; ++task) {
+    const int64_t b = task / KV, g = task % KV;
+    const float* row = x + b * (H + 2 * KV) * D;
+    float* k_rows = k_cache + (b * KV + g) * L * D;
+    float* v_rows = v_cache + (b * KV + g) * L * D;
+    rope(row + (H + g) * D, c + b * D, s + b * D, k_rows + pos * D, D);
+    std::memcpy(v_rows + pos * D, row + (H + KV + g) * D, D * sizeof(float));
+    std::vector<float> q(D), p(pos + 1);
+    for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+      rope(row + h * D, c + b * D, s + b * D, q.data(), D);
+      for (int64_t i = 0; i < D; ++i) q[i] *= scale;
+      float top = -INFINITY;
+      for (int64_t j = 0; j <= pos; ++j) {
+        const float* kj = k_rows + j * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < D; ++i) dot += q[i] * kj[i];
+        p[j] = dot + m[b * L + j];
+        top = std::max(top, p[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j <= pos; ++j) total += (p[j] = std::exp(p[j] - top));
+      float* yh = y + b * H * D + h * D;
+      std::fill(yh, yh + D, 0.f);
+      for (int64_t j = 0; j <= pos; ++j) {
+        const float w = p[j] / total, *vj = v_rows + j * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) yh[i] += w * vj[i];
+      }
+    }
+  }
+  return {out};
+}
+
 }  // namespace
 
 PD_BUILD_OP(ernie_cpu_matmul)
@@ -194,3 +287,10 @@ PD_BUILD_OP(ernie_cpu_matmul)
     .SetKernelFn(PD_KERNEL(CpuMatmul))
     .SetInferShapeFn(PD_INFER_SHAPE(CpuMatmulShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(CpuMatmulDtype));
+
+PD_BUILD_OP(ernie_cpu_decode_attention)
+    .Inputs({"QKV", "Cos", "Sin", "Keys", "Values", "Mask"})
+    .Outputs({"Out", "KeysOut", "ValuesOut"})
+    .SetInplaceMap({{"Keys", "KeysOut"}, {"Values", "ValuesOut"}})
+    .Attrs({"pos: int", "heads: int", "scale: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(CpuDecodeAttention));
