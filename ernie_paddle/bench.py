@@ -2,8 +2,8 @@
 
 Prompts are random token ids, and every run generates exactly its output length (an end-of-text
 token does not stop it). Decoding reads every weight once per step, so the achieved weight bandwidth
-is weight bytes / TPOT; `matmul_ceiling` measures what Paddle's bare matmuls allow over the same
-weights, one call per matrix.
+is weight bytes / TPOT; `matmul_ceiling` measures what bare matmuls (Paddle's, and on CPU the
+decoding kernel's) allow over the same weights, one call per matrix.
 """
 
 from __future__ import annotations
@@ -73,10 +73,15 @@ def measure(model, input_len: int, output_len: int, batch: int = 1, repeat: int 
                     batch * input_len / ttft, weight_bytes(model) / tpot / 1e9 if tpot else 0.0)
 
 
-def matmul_ceiling(model, device: str, repeat: int = 5) -> float:
-    """Seconds for one batch-1 pass of bare `paddle.matmul`, one call per weight matrix as the model
-    lays them out (the tied embedding as the lm_head): the bound for a decode step that reads its
-    weights that way. The fastest of `repeat` passes."""
+def matmul_ceiling(model, device: str, repeat: int = 5, kernel: bool = False) -> float:
+    """Seconds for one batch-1 pass of bare matmuls, one call per weight matrix as the model lays them
+    out (the tied embedding as the lm_head): the bound for a decode step that reads its weights that
+    way. `paddle.matmul`, or with `kernel` the CPU decoding kernel. The fastest of `repeat` passes."""
+    from . import cpu_kernel
+
+    def matmul(x, w, transpose_w=False):
+        return cpu_kernel.matmul(x, w, transpose_w) if kernel else paddle.matmul(x, w, transpose_y=transpose_w)
+
     matrices = [p for p in model.parameters() if len(p.shape) == 2]
     embedding = model.ernie.embed_tokens
     inputs = {}
@@ -87,9 +92,9 @@ def matmul_ceiling(model, device: str, repeat: int = 5) -> float:
     def one_pass():
         for w in matrices:
             if w is embedding and model.lm_head is None:
-                paddle.matmul(inputs[w.shape[1]], w, transpose_y=True)
+                matmul(inputs[w.shape[1]], w, transpose_w=True)
             elif w is not embedding:
-                paddle.matmul(inputs[w.shape[0]], w)
+                matmul(inputs[w.shape[0]], w)
         devices.synchronize(device)
 
     one_pass()
@@ -99,6 +104,14 @@ def matmul_ceiling(model, device: str, repeat: int = 5) -> float:
         one_pass()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def kernel_ceiling(model, device: str) -> float | None:
+    """matmul_ceiling of the CPU decoding kernel, where decoding uses it; else None."""
+    from . import cpu_kernel
+    if device != "cpu" or model.dtype_name != "float32" or not cpu_kernel.available():
+        return None
+    return matmul_ceiling(model, device, kernel=True)
 
 
 def run(model, device: str, input_lens, output_lens, batch: int = 1, warmup: int = 1,
@@ -146,7 +159,7 @@ def run_bench(args) -> int:
         raise ErnieError(f"--input-lens/--output-lens: {max(input_lens)} + {max(output_lens)} tokens exceed the "
                          f"model's {limit} positions")
     model = pred.model
-    ceiling_s = matmul_ceiling(model, pred.device)
+    ceiling_s, kernel_s = matmul_ceiling(model, pred.device), kernel_ceiling(model, pred.device)
     rows = run(model, pred.device, input_lens, output_lens, args.batch, args.warmup, args.repeat)
     peak = peak_memory(pred.device)
     nbytes = weight_bytes(model)
@@ -156,11 +169,14 @@ def run_bench(args) -> int:
     print(format_table(rows))
     print(f"Paddle's bare matmuls over these weights: {1 / ceiling_s:.1f} tok/s at batch 1 "
           f"({nbytes / ceiling_s / 1e9:.1f} GB/s)")
+    if kernel_s:
+        print(f"the CPU decoding kernel's bare matmuls: {1 / kernel_s:.1f} tok/s ({nbytes / kernel_s / 1e9:.1f} GB/s)")
     print(f"peak memory: {peak / 2**30:.2f} GiB" if peak else "peak memory: not reported by this device")
     if args.json_out:
         report = dict(model=str(args.model), device=pred.device, dtype=pred.dtype, batch=args.batch,
                       weight_bytes=nbytes, load_s=load_s, peak_memory_bytes=peak,
-                      matmul_ceiling_tps=1 / ceiling_s, rows=[asdict(r) for r in rows])
+                      matmul_ceiling_tps=1 / ceiling_s, kernel_ceiling_tps=1 / kernel_s if kernel_s else None,
+                      rows=[asdict(r) for r in rows])
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json_out}", file=sys.stderr)
     return 0

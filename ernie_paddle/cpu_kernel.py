@@ -55,10 +55,10 @@ def matmul(x, w, transpose_w: bool = False, threads: int | None = None):
     return _run_custom_op(OP, x, w, transpose_w, threads or cpu_threads())[0]
 
 
-def decode_attention(qkv, cos, sin, keys, values, mask, pos: int, heads: int, scale: float):
-    """One decoding step of attention (csrc/cpu_matmul.cc says what it takes); writes the new key
-    and value into `keys` and `values` at `pos`; returns [B, 1, heads * D]."""
-    return _run_custom_op("ernie_cpu_decode_attention", qkv, cos, sin, keys, values, mask, pos, heads, scale,
+def attention(qkv, cos, sin, keys, values, mask, start: int, heads: int, scale: float):
+    """Causal attention of T new tokens over the KV cache (csrc/cpu_matmul.cc says what it takes);
+    writes their keys and values into `keys` and `values` at `start`; returns [B, T, heads * D]."""
+    return _run_custom_op("ernie_cpu_attention", qkv, cos, sin, keys, values, mask, start, heads, scale,
                           cpu_threads())[0]
 
 

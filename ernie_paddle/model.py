@@ -118,11 +118,9 @@ class Rotation:
         return (h * self.full_cos + self.swap_pairs(h) * self.full_sin).astype(x.dtype)
 
 
-def decoding_on_cpu(x, cache, start: int) -> bool:
-    """Whether this call is a decoding step that the CPU kernel's fused attention takes: one new
-    token per row after the prompt, float32 on CPU."""
-    return (cache is not None and start > 0 and x.shape[1] == 1 and x.place.is_cpu_place()
-            and x.dtype == paddle.float32 and cpu_kernel.available())
+def attention_on_cpu(x, cache) -> bool:
+    """Whether attention goes to the CPU kernel's fused op: with a KV cache, float32 on CPU."""
+    return cache is not None and x.place.is_cpu_place() and x.dtype == paddle.float32 and cpu_kernel.available()
 
 
 @dataclass
@@ -151,8 +149,8 @@ class Attention(nn.Layer):
         b, t, _ = x.shape
         d, h, kvh = self.head_dim, self.heads, self.kv_heads
         qkv = project(x, self.qkv_proj)
-        if decoding_on_cpu(x, cache_kv, start):
-            out = cpu_kernel.decode_attention(qkv, rotate.cos, rotate.sin, *cache_kv, mask, start, h, self.scale)
+        if attention_on_cpu(x, cache_kv):
+            out = cpu_kernel.attention(qkv, rotate.cos, rotate.sin, *cache_kv, mask, start, h, self.scale)
             return project(out, self.o_proj)
         qkv = qkv.reshape([b, t, h + 2 * kvh, d])
         qk, v = paddle.split(qkv, [h + kvh, kvh], axis=2)
@@ -240,7 +238,7 @@ class ErnieForCausalLM(nn.Layer):
         Returns float32 logits [B, T, V], or [B, V] for the last position when `last_only`."""
         x = F.embedding(input_ids, self.ernie.embed_tokens)
         rotate = self.rope.at(positions)
-        if not decoding_on_cpu(x, cache, start):
+        if not attention_on_cpu(x, cache):
             mask = self.ernie.layers[0].self_attn.expand_mask(mask)
         for i, layer in enumerate(self.ernie.layers):
             cache_kv = (cache.keys[i], cache.values[i]) if cache is not None else None

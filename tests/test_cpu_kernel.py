@@ -82,3 +82,49 @@ def test_without_a_compiler_decoding_falls_back_to_paddle_matmul(tmp_path):
     assert off.returncode == 0 and off.stdout == first.stdout and not (tmp_path / "unused").exists()
     on = run_generate(tmp_path, cpu_kernel.cache_dir().parent)  # the built kernel: same greedy tokens
     assert on.returncode == 0 and on.stdout.replace("True", "False", 1) == first.stdout
+
+
+def decode_logits(model, prompts, steps):
+    """Logits of a left-padded batch: the prompt, then `steps` teacher-forced tokens, as
+    generate.decode_steps feeds the model."""
+    from ernie_paddle.model import MASKED, KVCache, causal_mask
+    batch, length = len(prompts), max(len(p) for p in prompts)
+    total = length + steps
+    ids = np.zeros([batch, length], np.int64)
+    valid = np.ones([batch, total], np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt):] = prompt
+        valid[row, :length - len(prompt)] = 0
+    positions = paddle.to_tensor(np.maximum(valid.cumsum(-1) - 1, 0))
+    valid = paddle.to_tensor(valid)
+    key_mask = paddle.where(valid > 0, paddle.zeros([], "float32"), paddle.full([], MASKED, "float32")).unsqueeze(1)
+    future = causal_mask(paddle.ones([1, total], "int64"), 0, total)[0]
+    cache = KVCache.allocate(model.config, batch, total, "float32")
+    out = [model(paddle.to_tensor(ids), positions[:, :length], causal_mask(valid, 0, length), cache, 0, last_only=True)]
+    for step in range(steps):
+        pos = length + step
+        token = paddle.full([batch, 1], 7 + step, "int64")
+        out.append(model(token, positions[:, pos:pos + 1], key_mask + future[pos:pos + 1], cache, pos, last_only=True))
+    return np.stack([o.numpy() for o in out]), [k.numpy() for k in cache.keys]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (4, 4, 12), (8, 1, 24)])
+def test_fused_attention_matches_the_plain_path(tmp_path, monkeypatch, heads, kv_heads, head_dim):
+    from conftest import save_tiny_pt
+    from ernie_paddle import ErniePredictor, model as model_module
+    save_tiny_pt(tmp_path, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
+    model = ErniePredictor.from_pretrained(tmp_path, device="cpu", progress=False).model
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
+    calls = []
+    real = cpu_kernel.attention
+    monkeypatch.setattr(cpu_kernel, "attention", lambda *a: calls.append(1) or real(*a))
+    fused, fused_keys = decode_logits(model, prompts, 6)
+    assert len(calls) == 7 * model.config.num_hidden_layers  # the prompt and 6 steps
+    monkeypatch.setattr(model_module, "attention_on_cpu", lambda *a: False)
+    plain, plain_keys = decode_logits(model, prompts, 6)
+    assert len(calls) == 7 * model.config.num_hidden_layers
+    np.testing.assert_allclose(fused, plain, rtol=0, atol=1e-5)
+    for a, b in zip(fused_keys, plain_keys):  # the cache the fused op wrote, RoPE included
+        for row, prompt in enumerate(prompts):  # (padding's own hidden states are garbage either way)
+            first = 5 - len(prompt)
+            np.testing.assert_allclose(a[row, :, first:], b[row, :, first:], rtol=0, atol=1e-5)

@@ -218,13 +218,16 @@ std::vector<std::vector<int64_t>> CpuMatmulShape(const std::vector<int64_t>& x, 
 std::vector<paddle::DataType> CpuMatmulDtype(const paddle::DataType& x, const paddle::DataType& w) { return {x}; }
 
 
-// One decoding step of attention for every row and head: RoPE on the new query and key, the new key
-// and value written into the cache at `pos`, then softmax(q k^T * scale + mask) v over cache
-// positions 0..pos (later ones are masked out anyway). Replaces ~20 small Paddle ops per layer.
-//   qkv [B, 1, (H + 2 KV) * D] as the fused projection gives it ([Q | K | V], head-major)
-//   cos, sin [B, D]: RoPE of each row's position, sin negated on even channels (interleaved pairs)
-//   keys, values [B, KV, L, D]: the cache, written in place;  mask [B, 1, L] additive
-//   returns [B, 1, H * D]
+// Attention of T new tokens per row (a prompt, or one decoding step) over the KV cache: RoPE on the
+// new queries and keys, the new keys and values written into the cache at start..start+T-1, then for
+// the query at start+t, softmax(q k^T * scale + mask) v over cache positions 0..start+t (causal: the
+// later ones are masked out anyway, so they are skipped). Replaces ~20 small Paddle ops per layer
+// when decoding, and the full T x T score matrix (half of it masked) when prefilling.
+//   qkv [B, T, (H + 2 KV) * D] as the fused projection gives it ([Q | K | V], head-major)
+//   cos, sin [B, T, D]: RoPE at each token's position, sin negated on even channels (interleaved pairs)
+//   keys, values [B, KV, L, D]: the cache, written in place
+//   mask [B, T, S] additive, S >= start + T: key j of the query at start + t is masked by mask[b, t, j]
+//   returns [B, T, H * D]
 void rope(const float* x, const float* cos, const float* sin, float* out, int64_t D) {
   for (int64_t i = 0; i < D; i += 2) {
     out[i] = x[i] * cos[i] + x[i + 1] * sin[i];
@@ -232,46 +235,59 @@ void rope(const float* x, const float* cos, const float* sin, float* out, int64_
   }
 }
 
-std::vector<paddle::Tensor> CpuDecodeAttention(const paddle::Tensor& qkv, const paddle::Tensor& cos,
-                                               const paddle::Tensor& sin, paddle::Tensor& keys,
-                                               paddle::Tensor& values, const paddle::Tensor& mask, int pos,
-                                               int heads, float scale, int threads) {
+std::vector<paddle::Tensor> CpuAttention(const paddle::Tensor& qkv, const paddle::Tensor& cos,
+                                         const paddle::Tensor& sin, paddle::Tensor& keys, paddle::Tensor& values,
+                                         const paddle::Tensor& mask, int start, int heads, float scale,
+                                         int threads) {
   const std::vector<int64_t> cs = keys.shape();
   const int64_t B = cs[0], KV = cs[1], L = cs[2], D = cs[3], H = heads, G = H / KV;
-  PD_CHECK(qkv.numel() == B * (H + 2 * KV) * D && mask.numel() == B * L && pos >= 0 && pos < L,
-           "ernie_cpu_decode_attention: shapes do not match the cache");
-  paddle::Tensor out = paddle::empty({B, 1, H * D}, paddle::DataType::FLOAT32, qkv.place());
+  const int64_t T = B == 0 ? 0 : qkv.numel() / (B * (H + 2 * KV) * D), S = mask.shape().back();
+  PD_CHECK(qkv.numel() == B * T * (H + 2 * KV) * D && mask.numel() == B * T * S && start >= 0 &&
+               start + T <= L && start + T <= S && cos.numel() == B * T * D && sin.numel() == B * T * D,
+           "ernie_cpu_attention: shapes do not match the cache");
+  paddle::Tensor out = paddle::empty({B, T, H * D}, paddle::DataType::FLOAT32, qkv.place());
   const float *x = qkv.data<float>(), *c = cos.data<float>(), *s = sin.data<float>(), *m = mask.data<float>();
   float *k_cache = keys.data<float>(), *v_cache = values.data<float>(), *y = out.data<float>();
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t task = 0; task < B * KV; ++task) {
-    const int64_t b = task / KV, g = task % KV;
-    const float* row = x + b * (H + 2 * KV) * D;
-    float* k_rows = k_cache + (b * KV + g) * L * D;
-    float* v_rows = v_cache + (b * KV + g) * L * D;
-    rope(row + (H + g) * D, c + b * D, s + b * D, k_rows + pos * D, D);
-    std::memcpy(v_rows + pos * D, row + (H + KV + g) * D, D * sizeof(float));
-    std::vector<float> q(D), p(pos + 1);
-    for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-      rope(row + h * D, c + b * D, s + b * D, q.data(), D);
-      for (int64_t i = 0; i < D; ++i) q[i] *= scale;
-      float top = -INFINITY;
-      for (int64_t j = 0; j <= pos; ++j) {
-        const float* kj = k_rows + j * D;
-        float dot = 0.f;
+  const int64_t row = (H + 2 * KV) * D;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < B * KV * T; ++task) {  // the new keys and values into the cache
+      const int64_t b = task / (KV * T), g = task / T % KV, t = task % T;
+      const float* token = x + (b * T + t) * row;
+      const int64_t at = ((b * KV + g) * L + start + t) * D;
+      rope(token + (H + g) * D, c + (b * T + t) * D, s + (b * T + t) * D, k_cache + at, D);
+      std::memcpy(v_cache + at, token + (H + KV + g) * D, D * sizeof(float));
+    }
+    std::vector<float> q(D), p(start + T);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < B * H; ++task) {  // the rows of one query head
+      const int64_t b = task / H, h = task % H, g = h / G;
+      const float* k_rows = k_cache + (b * KV + g) * L * D;
+      const float* v_rows = v_cache + (b * KV + g) * L * D;
+      for (int64_t t = 0; t < T; ++t) {
+        rope(x + (b * T + t) * row + h * D, c + (b * T + t) * D, s + (b * T + t) * D, q.data(), D);
+        for (int64_t i = 0; i < D; ++i) q[i] *= scale;
+        const int64_t last = start + t;
+        const float* mask_row = m + (b * T + t) * S;
+        float top = -INFINITY;
+        for (int64_t j = 0; j <= last; ++j) {
+          const float* kj = k_rows + j * D;
+          float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < D; ++i) dot += q[i] * kj[i];
-        p[j] = dot + m[b * L + j];
-        top = std::max(top, p[j]);
-      }
-      float total = 0.f;
-      for (int64_t j = 0; j <= pos; ++j) total += (p[j] = std::exp(p[j] - top));
-      float* yh = y + b * H * D + h * D;
-      std::fill(yh, yh + D, 0.f);
-      for (int64_t j = 0; j <= pos; ++j) {
-        const float w = p[j] / total, *vj = v_rows + j * D;
+          for (int64_t i = 0; i < D; ++i) dot += q[i] * kj[i];
+          p[j] = dot + mask_row[j];
+          top = std::max(top, p[j]);
+        }
+        float total = 0.f;
+        for (int64_t j = 0; j <= last; ++j) total += (p[j] = std::exp(p[j] - top));
+        float* yh = y + (b * T + t) * H * D + h * D;
+        std::fill(yh, yh + D, 0.f);
+        for (int64_t j = 0; j <= last; ++j) {
+          const float w = p[j] / total, *vj = v_rows + j * D;
 #pragma omp simd
-        for (int64_t i = 0; i < D; ++i) yh[i] += w * vj[i];
+          for (int64_t i = 0; i < D; ++i) yh[i] += w * vj[i];
+        }
       }
     }
   }
@@ -288,9 +304,9 @@ PD_BUILD_OP(ernie_cpu_matmul)
     .SetInferShapeFn(PD_INFER_SHAPE(CpuMatmulShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(CpuMatmulDtype));
 
-PD_BUILD_OP(ernie_cpu_decode_attention)
+PD_BUILD_OP(ernie_cpu_attention)
     .Inputs({"QKV", "Cos", "Sin", "Keys", "Values", "Mask"})
     .Outputs({"Out", "KeysOut", "ValuesOut"})
     .SetInplaceMap({{"Keys", "KeysOut"}, {"Values", "ValuesOut"}})
-    .Attrs({"pos: int", "heads: int", "scale: float", "threads: int"})
-    .SetKernelFn(PD_KERNEL(CpuDecodeAttention));
+    .Attrs({"start: int", "heads: int", "scale: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(CpuAttention));
