@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ernie_paddle", "ernie_paddle.*", "converters", "converters.*"]),
-    package_data={"ernie_paddle": ["assets/*/*", "csrc/*.cc"]},
+    package_data={"ernie_paddle": ["assets/*/*", "csrc/*.cc", "csrc/*.h"]},
     # No hard `paddlepaddle` requirement: GPU and NPU users bring their own Paddle build.
     install_requires=["numpy>=1.24", "safetensors>=0.4", "sentencepiece>=0.1.99", "tqdm>=4.60", "pyyaml>=6"],
     extras_require={

@@ -77,10 +77,10 @@ def matmul_ceiling(model, device: str, repeat: int = 5, kernel: bool = False) ->
     """Seconds for one batch-1 pass of bare matmuls, one call per weight matrix as the model lays them
     out (the tied embedding as the lm_head): the bound for a decode step that reads its weights that
     way. `paddle.matmul`, or with `kernel` the CPU decoding kernel. The fastest of `repeat` passes."""
-    from . import cpu_kernel
+    from . import cpu_ops
 
     def matmul(x, w, transpose_w=False):
-        return cpu_kernel.matmul(x, w, transpose_w) if kernel else paddle.matmul(x, w, transpose_y=transpose_w)
+        return cpu_ops.matmul(x, w, transpose_w) if kernel else paddle.matmul(x, w, transpose_y=transpose_w)
 
     matrices = [p for p in model.parameters() if len(p.shape) == 2]
     embedding = model.ernie.embed_tokens
@@ -108,8 +108,8 @@ def matmul_ceiling(model, device: str, repeat: int = 5, kernel: bool = False) ->
 
 def kernel_ceiling(model, device: str) -> float | None:
     """matmul_ceiling of the CPU decoding kernel, where decoding uses it; else None."""
-    from . import cpu_kernel
-    if device != "cpu" or model.dtype_name != "float32" or not cpu_kernel.available():
+    from . import cpu_ops
+    if device != "cpu" or model.dtype_name != "float32" or not cpu_ops.available():
         return None
     return matmul_ceiling(model, device, kernel=True)
 

@@ -28,32 +28,40 @@ class GenerationSettings:
     stop: list[str] = field(default_factory=list)
 
 
+def left_padded(prompts: list[list[int]], new_tokens: int, pad_id: int = 0):
+    """A batch of prompts left-padded to the longest (P tokens), with room for `new_tokens` more:
+    token ids [B, P], positions and valid [B, P + new_tokens] int64. Each row's positions count its
+    real tokens only and `valid` is 0 on its padding, so a row yields what it would alone."""
+    batch, prompt_len = len(prompts), max(len(p) for p in prompts)
+    ids = np.full([batch, prompt_len], pad_id, dtype=np.int64)
+    valid = np.ones([batch, prompt_len + new_tokens], dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, prompt_len - len(prompt):] = prompt
+        valid[row, :prompt_len - len(prompt)] = 0
+    positions = np.maximum(valid.cumsum(-1) - 1, 0)
+    return paddle.to_tensor(ids), paddle.to_tensor(positions), paddle.to_tensor(valid)
+
+
+def step_masks(valid: paddle.Tensor):
+    """For a decoding step's query at position p: mask(p) [B, 1, total] hides the padding and the
+    positions after p, over the whole cache (padding mask + row p of a causal table)."""
+    total = valid.shape[1]
+    padding = paddle.where(valid > 0, paddle.zeros([], "float32"), paddle.full([], MASKED, "float32")).unsqueeze(1)
+    future = causal_mask(paddle.ones([1, total], "int64"), 0, total)[0]
+    return lambda p: padding + future[p:p + 1]
+
+
 def decode_steps(model: ErnieForCausalLM, prompts: list[list[int]], settings: GenerationSettings,
                  pad_id: int = 0) -> Iterator[np.ndarray]:
-    """Yield the next token id of every row, [B] int64, step after step (the caller stops early).
-
-    Rows are left-padded to the longest prompt; each row's positions count its real tokens only and
-    its padding is masked out of every key set, so a row yields the same tokens as it would alone."""
+    """Yield the next token id of every row, [B] int64, step after step (the caller stops early)."""
     config = model.config
     sample = make_sampler(settings.temperature, settings.top_k, settings.top_p)
     if settings.seed is not None:
         paddle.seed(settings.seed)
-    batch, prompt_len = len(prompts), max(len(p) for p in prompts)
-    total = prompt_len + settings.max_new_tokens
-    ids = np.full([batch, prompt_len], pad_id, dtype=np.int64)
-    valid = np.ones([batch, total], dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, prompt_len - len(prompt):] = prompt
-        valid[row, :prompt_len - len(prompt)] = 0
-    positions = paddle.to_tensor(np.maximum(valid.cumsum(-1) - 1, 0))
-    valid = paddle.to_tensor(valid)
-    # A new query at position p sees the whole cache but its padding and the positions after p:
-    # [B, 1, total] = padding mask + row p of a causal table.
-    key_mask = paddle.where(valid > 0, paddle.zeros([], "float32"), paddle.full([], MASKED, "float32")).unsqueeze(1)
-    future = causal_mask(paddle.ones([1, total], "int64"), 0, total)[0]
-    cache = KVCache.allocate(config, batch, total, model.dtype_name)
-
-    tokens = paddle.to_tensor(ids)
+    tokens, positions, valid = left_padded(prompts, settings.max_new_tokens, pad_id)
+    batch, prompt_len = tokens.shape
+    step_mask = step_masks(valid)
+    cache = KVCache.allocate(config, batch, valid.shape[1], model.dtype_name)
     seen = None
     if settings.repetition_penalty != 1.0:
         seen = paddle.zeros([batch, config.vocab_size], "float32")
@@ -71,7 +79,7 @@ def decode_steps(model: ErnieForCausalLM, prompts: list[list[int]], settings: Ge
             if seen is not None:
                 seen = paddle.put_along_axis(seen, token, paddle.ones([batch, 1], "float32"), axis=-1, reduce="add")
             pos = prompt_len + step
-            logits = model(token, positions[:, pos:pos + 1], key_mask + future[pos:pos + 1], cache, pos, last_only=True)
+            logits = model(token, positions[:, pos:pos + 1], step_mask(pos), cache, pos, last_only=True)
 
 
 @dataclass

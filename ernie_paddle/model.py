@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cpu_kernel, device
+from . import cpu_ops, device
 from .config import ErnieConfig
 from .device import import_paddle
 
@@ -46,7 +46,7 @@ class RMSNorm(nn.Layer):
 
 def project(x, w, transpose_w: bool = False):
     """x [..., K] @ w, with w [K, N], or [N, K] when `transpose_w` (the tied lm_head).
-    On CPU, decoding (a few rows) runs the weight-streaming kernel of cpu_kernel.py. Without it, MKL
+    On CPU, decoding (a few rows) runs the weight-streaming kernel of cpu_ops.py. Without it, MKL
     computes a one-row product on one core only, so it is run as a batch of two products over the
     halves of w's rows (contiguous views), which MKL spreads over two cores: halves of K give partial
     sums, halves of N output halves. For the lm_head with 8 to 32 rows MKL is 1.3x faster computing
@@ -54,8 +54,8 @@ def project(x, w, transpose_w: bool = False):
     rows = math.prod(x.shape[:-1])
     if not w.place.is_cpu_place():
         return paddle.matmul(x, w, transpose_y=transpose_w)
-    if rows <= cpu_kernel.MAX_ROWS and w.dtype == paddle.float32 and cpu_kernel.available():
-        return cpu_kernel.matmul(x, w, transpose_w)
+    if rows <= cpu_ops.MAX_ROWS and w.dtype == paddle.float32 and cpu_ops.available():
+        return cpu_ops.matmul(x, w, transpose_w)
     if transpose_w and 8 <= rows <= 32:
         return paddle.matmul(w, x.reshape([rows, -1]), transpose_y=True).t().reshape([*x.shape[:-1], -1])
     if not (device.cpu_threads() > 1 and rows == 1 and w.shape[0] % 2 == 0):
@@ -119,8 +119,8 @@ class Rotation:
 
 
 def attention_on_cpu(x, cache) -> bool:
-    """Whether attention goes to the CPU kernel's fused op: with a KV cache, float32 on CPU."""
-    return cache is not None and x.place.is_cpu_place() and x.dtype == paddle.float32 and cpu_kernel.available()
+    """Whether attention goes to the CPU attention op of cpu_ops.py: with a KV cache, float32 on CPU."""
+    return cache is not None and x.place.is_cpu_place() and x.dtype == paddle.float32 and cpu_ops.available()
 
 
 @dataclass
@@ -150,7 +150,7 @@ class Attention(nn.Layer):
         d, h, kvh = self.head_dim, self.heads, self.kv_heads
         qkv = project(x, self.qkv_proj)
         if attention_on_cpu(x, cache_kv):
-            out = cpu_kernel.attention(qkv, rotate.cos, rotate.sin, *cache_kv, mask, start, h, self.scale)
+            out = cpu_ops.attention(qkv, rotate.cos, rotate.sin, *cache_kv, mask, start, h, self.scale)
             return project(out, self.o_proj)
         qkv = qkv.reshape([b, t, h + 2 * kvh, d])
         qk, v = paddle.split(qkv, [h + kvh, kvh], axis=2)

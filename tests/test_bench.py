@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import save_tiny_pt
-from ernie_paddle import cpu_kernel
+from ernie_paddle import cpu_ops
 from ernie_paddle.cli import main
 
 ROW_FIELDS = {"input_len", "output_len", "batch", "latency_s", "throughput_tps", "tpot_s", "ttft_s",
@@ -34,14 +34,14 @@ def test_table_and_json(model_dir, tmp_path):
     expected = [["3", "2", "2"], ["3", "4", "2"], ["5", "2", "2"], ["5", "4", "2"]]
     assert [[c.strip() for c in row] for row in cells] == expected
     assert any(line.startswith("Paddle's bare matmuls over these weights:") for line in lines)
-    assert any(line.startswith("the CPU decoding kernel's bare matmuls:") for line in lines) == cpu_kernel.available()
+    assert any(line.startswith("the CPU decoding kernel's bare matmuls:") for line in lines) == cpu_ops.available()
     assert any(line.startswith("peak memory: ") and "GiB" in line for line in lines)
 
     data = json.loads(report.read_text())
     assert data["device"] == "cpu" and data["dtype"] == "float32" and data["batch"] == 2
     assert data["weight_bytes"] > 0 and data["peak_memory_bytes"] > data["weight_bytes"]
     assert data["load_s"] > 0 and data["matmul_ceiling_tps"] > 0
-    assert (data["kernel_ceiling_tps"] or 0) > 0 or not cpu_kernel.available()
+    assert (data["kernel_ceiling_tps"] or 0) > 0 or not cpu_ops.available()
     assert [(r["input_len"], r["output_len"]) for r in data["rows"]] == [(3, 2), (3, 4), (5, 2), (5, 4)]
     for row in data["rows"]:
         assert set(row) == ROW_FIELDS

@@ -1,45 +1,25 @@
 // A Paddle custom operator for the float32 matmuls of CPU decoding: a few rows (1 to 32) times a
 // weight matrix that does not fit in cache. Such a product is bound by reading the weights once, so
 // the kernel streams every weight byte exactly once, across all threads, while the rows stay in
-// cache. Paddle's MKL reaches about 60% of the machine's read bandwidth on one row (on one core) and
-// ~40 GFLOP/s on 8 rows; this reaches about 90% and ~60 GFLOP/s on the same 2 cores.
+// cache. Paddle's MKL runs a one-row product on one core, and reaches ~40 GFLOP/s on 8 rows where
+// this reaches ~80 (2-core EPYC).
 //
 //   ernie_cpu_matmul(x [..., K], w [K, N], transpose_w=false) = x @ w        (the -Paddle layout)
 //   ernie_cpu_matmul(x [..., K], w [N, K], transpose_w=true)  = x @ w^T      (the tied lm_head)
-//
-// Written with GCC vector extensions, not intrinsics: -march=native lowers them to AVX-512, AVX2 or
-// NEON, whatever the machine has.
 
 #include <omp.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <utility>
 #include <vector>
 
 #include "paddle/extension.h"
+#include "vec.h"
 
 namespace {
 
-constexpr int kLanes = 16;
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef float UnalignedVec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
-
-inline Vec load(const float* p) { return *reinterpret_cast<const UnalignedVec*>(p); }
-inline void store(float* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
-inline float sum(Vec v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
-
-// The part [begin, end) of n items that thread t of `threads` takes, in multiples of `align`.
-inline void share(int64_t n, int t, int threads, int64_t align, int64_t* begin, int64_t* end) {
-  int64_t per = ((n + align - 1) / align + threads - 1) / threads * align;
-  *begin = std::min(n, t * per);
-  *end = std::min(n, *begin + per);
-}
+using namespace ernie;
 
 // y[M, N] = x[M, K] @ w[K, N]. Each thread owns a range of w's rows, one contiguous block of memory
 // that it streams kStep rows at a time, adding x[m, k] * w[k, :] into its own partial y; the
@@ -218,82 +198,6 @@ std::vector<std::vector<int64_t>> CpuMatmulShape(const std::vector<int64_t>& x, 
 std::vector<paddle::DataType> CpuMatmulDtype(const paddle::DataType& x, const paddle::DataType& w) { return {x}; }
 
 
-// Attention of T new tokens per row (a prompt, or one decoding step) over the KV cache: RoPE on the
-// new queries and keys, the new keys and values written into the cache at start..start+T-1, then for
-// the query at start+t, softmax(q k^T * scale + mask) v over cache positions 0..start+t (causal: the
-// later ones are masked out anyway, so they are skipped). Replaces ~20 small Paddle ops per layer
-// when decoding, and the full T x T score matrix (half of it masked) when prefilling.
-//   qkv [B, T, (H + 2 KV) * D] as the fused projection gives it ([Q | K | V], head-major)
-//   cos, sin [B, T, D]: RoPE at each token's position, sin negated on even channels (interleaved pairs)
-//   keys, values [B, KV, L, D]: the cache, written in place
-//   mask [B, T, S] additive, S >= start + T: key j of the query at start + t is masked by mask[b, t, j]
-//   returns [B, T, H * D]
-void rope(const float* x, const float* cos, const float* sin, float* out, int64_t D) {
-  for (int64_t i = 0; i < D; i += 2) {
-    out[i] = x[i] * cos[i] + x[i + 1] * sin[i];
-    out[i + 1] = x[i + 1] * cos[i + 1] + x[i] * sin[i + 1];
-  }
-}
-
-std::vector<paddle::Tensor> CpuAttention(const paddle::Tensor& qkv, const paddle::Tensor& cos,
-                                         const paddle::Tensor& sin, paddle::Tensor& keys, paddle::Tensor& values,
-                                         const paddle::Tensor& mask, int start, int heads, float scale,
-                                         int threads) {
-  const std::vector<int64_t> cs = keys.shape();
-  const int64_t B = cs[0], KV = cs[1], L = cs[2], D = cs[3], H = heads, G = H / KV;
-  const int64_t T = B == 0 ? 0 : qkv.numel() / (B * (H + 2 * KV) * D), S = mask.shape().back();
-  PD_CHECK(qkv.numel() == B * T * (H + 2 * KV) * D && mask.numel() == B * T * S && start >= 0 &&
-               start + T <= L && start + T <= S && cos.numel() == B * T * D && sin.numel() == B * T * D,
-           "ernie_cpu_attention: shapes do not match the cache");
-  paddle::Tensor out = paddle::empty({B, T, H * D}, paddle::DataType::FLOAT32, qkv.place());
-  const float *x = qkv.data<float>(), *c = cos.data<float>(), *s = sin.data<float>(), *m = mask.data<float>();
-  float *k_cache = keys.data<float>(), *v_cache = values.data<float>(), *y = out.data<float>();
-  const int64_t row = (H + 2 * KV) * D;
-#pragma omp parallel num_threads(threads)
-  {
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < B * KV * T; ++task) {  // the new keys and values into the cache
-      const int64_t b = task / (KV * T), g = task / T % KV, t = task % T;
-      const float* token = x + (b * T + t) * row;
-      const int64_t at = ((b * KV + g) * L + start + t) * D;
-      rope(token + (H + g) * D, c + (b * T + t) * D, s + (b * T + t) * D, k_cache + at, D);
-      std::memcpy(v_cache + at, token + (H + KV + g) * D, D * sizeof(float));
-    }
-    std::vector<float> q(D), p(start + T);
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < B * H; ++task) {  // the rows of one query head
-      const int64_t b = task / H, h = task % H, g = h / G;
-      const float* k_rows = k_cache + (b * KV + g) * L * D;
-      const float* v_rows = v_cache + (b * KV + g) * L * D;
-      for (int64_t t = 0; t < T; ++t) {
-        rope(x + (b * T + t) * row + h * D, c + (b * T + t) * D, s + (b * T + t) * D, q.data(), D);
-        for (int64_t i = 0; i < D; ++i) q[i] *= scale;
-        const int64_t last = start + t;
-        const float* mask_row = m + (b * T + t) * S;
-        float top = -INFINITY;
-        for (int64_t j = 0; j <= last; ++j) {
-          const float* kj = k_rows + j * D;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < D; ++i) dot += q[i] * kj[i];
-          p[j] = dot + mask_row[j];
-          top = std::max(top, p[j]);
-        }
-        float total = 0.f;
-        for (int64_t j = 0; j <= last; ++j) total += (p[j] = std::exp(p[j] - top));
-        float* yh = y + (b * T + t) * H * D + h * D;
-        std::fill(yh, yh + D, 0.f);
-        for (int64_t j = 0; j <= last; ++j) {
-          const float w = p[j] / total, *vj = v_rows + j * D;
-#pragma omp simd
-          for (int64_t i = 0; i < D; ++i) yh[i] += w * vj[i];
-        }
-      }
-    }
-  }
-  return {out};
-}
-
 }  // namespace
 
 PD_BUILD_OP(ernie_cpu_matmul)
@@ -304,9 +208,3 @@ PD_BUILD_OP(ernie_cpu_matmul)
     .SetInferShapeFn(PD_INFER_SHAPE(CpuMatmulShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(CpuMatmulDtype));
 
-PD_BUILD_OP(ernie_cpu_attention)
-    .Inputs({"QKV", "Cos", "Sin", "Keys", "Values", "Mask"})
-    .Outputs({"Out", "KeysOut", "ValuesOut"})
-    .SetInplaceMap({{"Keys", "KeysOut"}, {"Values", "ValuesOut"}})
-    .Attrs({"start: int", "heads: int", "scale: float", "threads: int"})
-    .SetKernelFn(PD_KERNEL(CpuAttention));

@@ -1,5 +1,5 @@
-"""The CPU decoding kernel (ernie_paddle/csrc/cpu_matmul.cc): built for real, checked against numpy
-in float64 on awkward shapes, and the fallback when it cannot be built."""
+"""The CPU operators (ernie_paddle/csrc/): built for real; the matmul checked against numpy in float64
+on awkward shapes, the attention against the plain Paddle path; the fallback when they cannot be built."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from ernie_paddle import cpu_kernel, device
+from ernie_paddle import cpu_ops, device
 
 paddle = device.import_paddle()
 
-pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C++ compiler to build the CPU kernel")
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compiler to build the CPU kernel")
 
 # (rows, K, N): one row and several; K and N neither multiples of the 8-row step nor of 16 lanes;
 # a 1-wide output; more rows than the 4-row tiles; shapes of the real model.
@@ -30,7 +30,7 @@ def test_kernel_matches_numpy(rows, k, n, threads, transpose_w):
     x = rng.standard_normal((rows, k)).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
     stored = np.ascontiguousarray(w.T) if transpose_w else w
-    got = cpu_kernel.matmul(paddle.to_tensor(x), paddle.to_tensor(stored), transpose_w, threads).numpy()
+    got = cpu_ops.matmul(paddle.to_tensor(x), paddle.to_tensor(stored), transpose_w, threads).numpy()
     expected = x.astype(np.float64) @ w.astype(np.float64)
     assert got.shape == (rows, n) and got.dtype == np.float32
     # float32 rounding of a K-term sum: well under 1e-6 * K relative to the terms' scale
@@ -41,7 +41,7 @@ def test_kernel_keeps_leading_axes_and_takes_views():
     rng = np.random.default_rng(0)
     x = paddle.to_tensor(rng.standard_normal((2, 3, 40)).astype(np.float32))
     w = paddle.to_tensor(rng.standard_normal((24, 30)).astype(np.float32))
-    got = cpu_kernel.matmul(x[:, :, 8:32], w)  # a strided view of x
+    got = cpu_ops.matmul(x[:, :, 8:32], w)  # a strided view of x
     assert got.shape == [2, 3, 30]
     np.testing.assert_allclose(got.numpy(), x.numpy()[:, :, 8:32] @ w.numpy(), rtol=1e-5, atol=1e-5)
 
@@ -49,18 +49,18 @@ def test_kernel_keeps_leading_axes_and_takes_views():
 def test_decoding_uses_the_kernel(monkeypatch):
     from ernie_paddle.model import project
     calls = []
-    monkeypatch.setattr(cpu_kernel, "matmul", lambda *args: calls.append(args) or paddle.zeros([1, 4]))
+    monkeypatch.setattr(cpu_ops, "matmul", lambda *args: calls.append(args) or paddle.zeros([1, 4]))
     x, w = paddle.ones([1, 8]), paddle.ones([8, 4])
     project(x, w)
     assert len(calls) == 1
-    project(paddle.ones([cpu_kernel.MAX_ROWS + 1, 8]), w)  # prefill: MKL
+    project(paddle.ones([cpu_ops.MAX_ROWS + 1, 8]), w)  # prefill: MKL
     assert len(calls) == 1
 
 
 def run_generate(tmp_path, cache, **env):
-    code = ("from ernie_paddle import ErniePredictor, cpu_kernel\n"
+    code = ("from ernie_paddle import ErniePredictor, cpu_ops\n"
             f"p = ErniePredictor.from_pretrained({str(tmp_path / 'model')!r}, device='cpu', progress=False)\n"
-            "print(cpu_kernel.available(), p.generate([[5, 6, 7]], max_new_tokens=4)[0].token_ids)\n")
+            "print(cpu_ops.available(), p.generate([[5, 6, 7]], max_new_tokens=4)[0].token_ids)\n")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "ERNIE_PADDLE_CACHE": str(cache), **env})
 
@@ -78,37 +78,32 @@ def test_without_a_compiler_decoding_falls_back_to_paddle_matmul(tmp_path):
     assert list(cache.rglob("*.failed")) and not list(cache.rglob("*.so"))
     again = run_generate(tmp_path, cache, **broken)  # the failure is remembered: no rebuild, no noise
     assert again.returncode == 0 and again.stderr == "" and again.stdout == first.stdout
-    off = run_generate(tmp_path, tmp_path / "unused", ERNIE_PADDLE_CPU_KERNEL="0")
+    off = run_generate(tmp_path, tmp_path / "unused", ERNIE_PADDLE_CPU_OPS="0")
     assert off.returncode == 0 and off.stdout == first.stdout and not (tmp_path / "unused").exists()
-    on = run_generate(tmp_path, cpu_kernel.cache_dir().parent)  # the built kernel: same greedy tokens
+    on = run_generate(tmp_path, cpu_ops.cache_dir().parent)  # the built kernel: same greedy tokens
     assert on.returncode == 0 and on.stdout.replace("True", "False", 1) == first.stdout
 
 
 def decode_logits(model, prompts, steps):
-    """Logits of a left-padded batch: the prompt, then `steps` teacher-forced tokens, as
-    generate.decode_steps feeds the model."""
-    from ernie_paddle.model import MASKED, KVCache, causal_mask
-    batch, length = len(prompts), max(len(p) for p in prompts)
-    total = length + steps
-    ids = np.zeros([batch, length], np.int64)
-    valid = np.ones([batch, total], np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, length - len(prompt):] = prompt
-        valid[row, :length - len(prompt)] = 0
-    positions = paddle.to_tensor(np.maximum(valid.cumsum(-1) - 1, 0))
-    valid = paddle.to_tensor(valid)
-    key_mask = paddle.where(valid > 0, paddle.zeros([], "float32"), paddle.full([], MASKED, "float32")).unsqueeze(1)
-    future = causal_mask(paddle.ones([1, total], "int64"), 0, total)[0]
-    cache = KVCache.allocate(model.config, batch, total, "float32")
-    out = [model(paddle.to_tensor(ids), positions[:, :length], causal_mask(valid, 0, length), cache, 0, last_only=True)]
+    """Logits of a left-padded batch: the prompt, then `steps` teacher-forced tokens, fed to the
+    model as generate.decode_steps feeds it."""
+    from ernie_paddle.generate import left_padded, step_masks
+    from ernie_paddle.model import KVCache, causal_mask
+    tokens, positions, valid = left_padded(prompts, steps)
+    batch, length = tokens.shape
+    step_mask = step_masks(valid)
+    cache = KVCache.allocate(model.config, batch, valid.shape[1], "float32")
+    out = [model(tokens, positions[:, :length], causal_mask(valid, 0, length), cache, 0, last_only=True)]
     for step in range(steps):
         pos = length + step
         token = paddle.full([batch, 1], 7 + step, "int64")
-        out.append(model(token, positions[:, pos:pos + 1], key_mask + future[pos:pos + 1], cache, pos, last_only=True))
+        out.append(model(token, positions[:, pos:pos + 1], step_mask(pos), cache, pos, last_only=True))
     return np.stack([o.numpy() for o in out]), [k.numpy() for k in cache.keys]
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (4, 4, 12), (8, 1, 24)])
+# head sizes with a compiled path (32, 64, 128) and without (12, 16, 24); GQA, MHA and MQA
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (4, 4, 12), (8, 1, 24), (4, 2, 32), (2, 2, 64),
+                                                     (4, 1, 128)])
 def test_fused_attention_matches_the_plain_path(tmp_path, monkeypatch, heads, kv_heads, head_dim):
     from conftest import save_tiny_pt
     from ernie_paddle import ErniePredictor, model as model_module
@@ -116,8 +111,8 @@ def test_fused_attention_matches_the_plain_path(tmp_path, monkeypatch, heads, kv
     model = ErniePredictor.from_pretrained(tmp_path, device="cpu", progress=False).model
     prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
     calls = []
-    real = cpu_kernel.attention
-    monkeypatch.setattr(cpu_kernel, "attention", lambda *a: calls.append(1) or real(*a))
+    real = cpu_ops.attention
+    monkeypatch.setattr(cpu_ops, "attention", lambda *a: calls.append(1) or real(*a))
     fused, fused_keys = decode_logits(model, prompts, 6)
     assert len(calls) == 7 * model.config.num_hidden_layers  # the prompt and 6 steps
     monkeypatch.setattr(model_module, "attention_on_cpu", lambda *a: False)

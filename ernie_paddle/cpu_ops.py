@@ -1,10 +1,11 @@
-"""The CPU decoding matmul (csrc/cpu_matmul.cc) as a Paddle custom operator: built once per machine
-with Paddle's own extension builder, cached, and loaded in milliseconds afterwards.
+"""The CPU operators of csrc/ (the decoding matmul and attention) as Paddle custom operators: built
+once per machine with Paddle's own extension builder, cached, and loaded in milliseconds afterwards.
 
 Decoding multiplies a few rows by every weight matrix, so its speed is the speed of reading the
-weights; the kernel reads them at close to the machine's bandwidth on all cores where MKL's one-row
-product does not (measured side by side by tools/bench_vs_transformers.py). Without a C++ compiler, or
-with ERNIE_PADDLE_CPU_KERNEL=0, Paddle's matmul is used instead: same results to float32 rounding.
+weights: the matmul streams them over all cores (MKL runs a one-row product on one core), and the
+attention op replaces ~20 small ops per layer (README "Speed" has the measurements). Without a C++
+compiler, or with ERNIE_PADDLE_CPU_OPS=0, Paddle's own ops run instead: same results to float32
+rounding.
 """
 
 from __future__ import annotations
@@ -22,24 +23,26 @@ from pathlib import Path
 
 from .device import cpu_threads, import_paddle
 
-OP = "ernie_cpu_matmul"
-SOURCE = Path(__file__).parent / "csrc" / "cpu_matmul.cc"
+LIBRARY = "ernie_cpu_ops"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "cpu_matmul.cc", CSRC / "cpu_attention.cc"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-w"]
-# Linked to the OpenMP runtime that Paddle's MKL uses (libiomp5, which also serves GCC's OpenMP
-# calls), not GCC's libgomp: one pool of threads for both. With two pools, each one's workers spin
-# waiting for work on the cores the other needs, and decoding ran 3x slower.
 MAX_ROWS = 32  # above this (prefill), MKL's blocked GEMM is compute-bound and faster
 
 log = logging.getLogger(__name__)
 
-# Run in a child process: the builder prints build logs and registers the op in its own process.
+# Run in a child process: the builder prints build logs and registers the ops in its own process.
+# Linked to the OpenMP runtime that Paddle's MKL uses (libiomp5, which also serves GCC's OpenMP calls),
+# not GCC's libgomp: one pool of threads for both. With two pools, each one's workers spin waiting for
+# work on the cores the other needs, and decoding ran 3x slower.
 BUILD = """
 import sys, warnings
 warnings.simplefilter("ignore")
 from paddle.utils.cpp_extension import load
 import os, paddle
 libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
-load(name=sys.argv[1], sources=[sys.argv[2]], extra_cxx_cflags=sys.argv[4:], build_directory=sys.argv[3],
+name, build_directory, sources, flags = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4:]
+load(name=name, sources=sources, extra_cxx_cflags=flags, build_directory=build_directory,
      extra_ldflags=[f"-L{libs}", "-liomp5", f"-Wl,-rpath,{libs}"])
 """
 
@@ -52,7 +55,7 @@ def cache_dir() -> Path:
 
 def matmul(x, w, transpose_w: bool = False, threads: int | None = None):
     """x [..., K] @ w ([K, N], or [N, K] when `transpose_w`), float32 on CPU."""
-    return _run_custom_op(OP, x, w, transpose_w, threads or cpu_threads())[0]
+    return _run_custom_op("ernie_cpu_matmul", x, w, transpose_w, threads or cpu_threads())[0]
 
 
 def attention(qkv, cos, sin, keys, values, mask, start: int, heads: int, scale: float):
@@ -69,9 +72,9 @@ def _run_custom_op(name, *args):
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the kernel is loaded in this process, building it first if this machine has not."""
-    if os.environ.get("ERNIE_PADDLE_CPU_KERNEL", "1") == "0":
+    if os.environ.get("ERNIE_PADDLE_CPU_OPS", "1") == "0":
         return False
-    library = cache_dir() / _build_key() / f"{OP}.so"
+    library = cache_dir() / _build_key() / f"{LIBRARY}.so"
     failed = library.with_suffix(".failed")
     if failed.exists():
         log.debug("CPU kernel: an earlier build failed (%s); using Paddle's matmul", failed)
@@ -88,16 +91,16 @@ def available() -> bool:
             failed.write_text(reason + "\n")
         except OSError:
             pass
-        print(f"ernie-paddle: the CPU decoding kernel could not be built ({reason}); decoding uses "
-              f"Paddle's matmul, about 1.4x slower. Install a C++ compiler and remove {failed} to retry.",
-              file=sys.stderr)
+        print(f"ernie-paddle: the CPU decoding kernels could not be built ({reason}); Paddle's own ops "
+              f"run instead, decoding 1.1x to 1.6x slower. Install a C++ compiler and remove {failed} "
+              "to retry.", file=sys.stderr)
         return False
 
 
 def _build_key() -> str:
     """Changes with anything the library depends on: the source, flags, Paddle, and the CPU
     (-march=native)."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(CSRC.iterdir())))
     digest.update(" ".join(FLAGS).encode())
     paddle = import_paddle()
     digest.update(f"{paddle.__version__} {paddle.__file__}".encode())
@@ -118,13 +121,13 @@ def _cpu_flags() -> str:
 
 def _build(library: Path):
     library.parent.mkdir(parents=True, exist_ok=True)
-    print("ernie-paddle: building the CPU decoding kernel for this machine (once, about 15 s) ...",
+    print("ernie-paddle: building the CPU decoding kernels for this machine (once, about 20 s) ...",
           file=sys.stderr, flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=library.parent) as work:
-        done = subprocess.run([sys.executable, "-c", BUILD, OP, str(SOURCE), work, *FLAGS],
+        done = subprocess.run([sys.executable, "-c", BUILD, LIBRARY, work, ",".join(map(str, SOURCES)), *FLAGS],
                               capture_output=True, text=True, timeout=900)
-        built = sorted(Path(work).rglob(f"{OP}*.so"))
+        built = sorted(Path(work).rglob(f"{LIBRARY}*.so"))
         if done.returncode != 0 or not built:
             lines = [line for line in (done.stderr + done.stdout).splitlines() if "error" in line.lower()]
             raise RuntimeError(lines[0] if lines else f"the build exited with code {done.returncode}")

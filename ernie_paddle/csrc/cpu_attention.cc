@@ -1,0 +1,142 @@
+// A Paddle custom operator for attention on the CPU, with the KV cache.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "paddle/extension.h"
+#include "vec.h"
+
+namespace {
+
+using namespace ernie;
+
+// Attention of T new tokens per row (a prompt, or one decoding step) over the KV cache: RoPE on the
+// new queries and keys, the new keys and values written into the cache at start..start+T-1, then for
+// the query at start+t, softmax(q k^T * scale + mask) v over cache positions 0..start+t (causal: the
+// later ones are masked out anyway, so they are skipped). Replaces ~20 small Paddle ops per layer
+// when decoding, and the full T x T score matrix (half of it masked) when prefilling.
+//   qkv [B, T, (H + 2 KV) * D] as the fused projection gives it ([Q | K | V], head-major)
+//   cos, sin [B, T, D]: RoPE at each token's position, sin negated on even channels (interleaved pairs)
+//   keys, values [B, KV, L, D]: the cache, written in place
+//   mask [B, T, S] additive, S >= start + T: key j of the query at start + t is masked by mask[b, t, j]
+//   returns [B, T, H * D]
+void rope(const float* x, const float* cos, const float* sin, float* out, int64_t D) {
+  for (int64_t i = 0; i < D; i += 2) {
+    out[i] = x[i] * cos[i] + x[i + 1] * sin[i];
+    out[i + 1] = x[i + 1] * cos[i + 1] + x[i] * sin[i + 1];
+  }
+}
+
+// softmax(scores[0..last]) in place; returns nothing: p[j] becomes exp(p[j] - max) / sum.
+void softmax(float* p, int64_t last) {
+  float top = -INFINITY, total = 0.f;
+  for (int64_t j = 0; j <= last; ++j) top = std::max(top, p[j]);
+  for (int64_t j = 0; j <= last; ++j) total += (p[j] = std::exp(p[j] - top));
+  for (int64_t j = 0; j <= last; ++j) p[j] /= total;
+}
+
+// One query (already rotated and scaled) against keys 0..last: scores into p, output row into out.
+// With the head size DV * 16 known at compile time, the query, four dot products at a time and the
+// output row stay in registers.
+template <int DV>
+void attend(const float* q, const float* k_rows, const float* v_rows, const float* mask, int64_t last, float* p,
+            float* out) {
+  constexpr int64_t D = DV * kLanes;
+  Vec qv[DV];
+  for (int d = 0; d < DV; ++d) qv[d] = load(q + d * kLanes);
+  int64_t j = 0;
+  for (; j + 4 <= last + 1; j += 4) {
+    Vec a[4] = {};
+    for (int d = 0; d < DV; ++d)
+      for (int r = 0; r < 4; ++r) a[r] += qv[d] * load(k_rows + (j + r) * D + d * kLanes);
+    for (int r = 0; r < 4; ++r) p[j + r] = sum(a[r]) + mask[j + r];
+  }
+  for (; j <= last; ++j) {
+    Vec a = {};
+    for (int d = 0; d < DV; ++d) a += qv[d] * load(k_rows + j * D + d * kLanes);
+    p[j] = sum(a) + mask[j];
+  }
+  softmax(p, last);
+  Vec acc[DV] = {};
+  for (j = 0; j <= last; ++j)
+    for (int d = 0; d < DV; ++d) acc[d] += p[j] * load(v_rows + j * D + d * kLanes);
+  for (int d = 0; d < DV; ++d) store(out + d * kLanes, acc[d]);
+}
+
+void attend_any(const float* q, const float* k_rows, const float* v_rows, const float* mask, int64_t last, float* p,
+                float* out, int64_t D) {
+  for (int64_t j = 0; j <= last; ++j) {
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < D; ++i) dot += q[i] * k_rows[j * D + i];
+    p[j] = dot + mask[j];
+  }
+  softmax(p, last);
+  std::fill(out, out + D, 0.f);
+  for (int64_t j = 0; j <= last; ++j) {
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) out[i] += p[j] * v_rows[j * D + i];
+  }
+}
+
+std::vector<paddle::Tensor> CpuAttention(const paddle::Tensor& qkv, const paddle::Tensor& cos,
+                                         const paddle::Tensor& sin, paddle::Tensor& keys, paddle::Tensor& values,
+                                         const paddle::Tensor& mask, int start, int heads, float scale,
+                                         int threads) {
+  const std::vector<int64_t> cs = keys.shape();
+  const int64_t B = cs[0], KV = cs[1], L = cs[2], D = cs[3], H = heads, G = H / KV;
+  const int64_t T = B == 0 ? 0 : qkv.numel() / (B * (H + 2 * KV) * D), S = mask.shape().back();
+  PD_CHECK(qkv.numel() == B * T * (H + 2 * KV) * D && mask.numel() == B * T * S && start >= 0 &&
+               start + T <= L && start + T <= S && cos.numel() == B * T * D && sin.numel() == B * T * D,
+           "ernie_cpu_attention: shapes do not match the cache");
+  paddle::Tensor out = paddle::empty({B, T, H * D}, paddle::DataType::FLOAT32, qkv.place());
+  const float *x = qkv.data<float>(), *c = cos.data<float>(), *s = sin.data<float>(), *m = mask.data<float>();
+  float *k_cache = keys.data<float>(), *v_cache = values.data<float>(), *y = out.data<float>();
+  const int64_t row = (H + 2 * KV) * D;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < B * KV * T; ++task) {  // the new keys and values into the cache
+      const int64_t b = task / (KV * T), g = task / T % KV, t = task % T;
+      const float* token = x + (b * T + t) * row;
+      const int64_t at = ((b * KV + g) * L + start + t) * D;
+      rope(token + (H + g) * D, c + (b * T + t) * D, s + (b * T + t) * D, k_cache + at, D);
+      std::memcpy(v_cache + at, token + (H + KV + g) * D, D * sizeof(float));
+    }
+    std::vector<float> q(D), p(start + T);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < B * H; ++task) {  // the rows of one query head
+      const int64_t b = task / H, h = task % H, g = h / G;
+      const float* k_rows = k_cache + (b * KV + g) * L * D;
+      const float* v_rows = v_cache + (b * KV + g) * L * D;
+      for (int64_t t = 0; t < T; ++t) {
+        rope(x + (b * T + t) * row + h * D, c + (b * T + t) * D, s + (b * T + t) * D, q.data(), D);
+        for (int64_t i = 0; i < D; ++i) q[i] *= scale;
+        const int64_t last = start + t;
+        float* yh = y + (b * T + t) * H * D + h * D;
+        const float* mask_row = m + (b * T + t) * S;
+        switch (D) {
+          case 32: attend<2>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
+          case 64: attend<4>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
+          case 128: attend<8>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
+          case 256: attend<16>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
+          default: attend_any(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh, D);
+        }
+      }
+    }
+  }
+  return {out};
+}
+
+}  // namespace
+
+PD_BUILD_OP(ernie_cpu_attention)
+    .Inputs({"QKV", "Cos", "Sin", "Keys", "Values", "Mask"})
+    .Outputs({"Out", "KeysOut", "ValuesOut"})
+    .SetInplaceMap({{"Keys", "KeysOut"}, {"Values", "ValuesOut"}})
+    .Attrs({"start: int", "heads: int", "scale: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(CpuAttention));
