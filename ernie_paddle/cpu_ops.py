@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,13 +55,17 @@ def cache_dir() -> Path:
 
 
 def matmul(x, w, transpose_w: bool = False, threads: int | None = None):
-    """x [..., K] @ w ([K, N], or [N, K] when `transpose_w`), float32 on CPU."""
+    """x [..., K] @ w ([K, N], or [N, K] when `transpose_w`), float32 on CPU; after `available()`."""
     return _run_custom_op("ernie_cpu_matmul", x, w, transpose_w, threads or cpu_threads())[0]
 
 
 def attention(qkv, cos, sin, keys, values, mask, start: int, heads: int, scale: float):
-    """Causal attention of T new tokens over the KV cache (csrc/cpu_matmul.cc says what it takes);
-    writes their keys and values into `keys` and `values` at `start`; returns [B, T, heads * D]."""
+    """Causal attention of T new tokens over the KV cache (csrc/cpu_attention.cc says what it takes);
+    writes their keys and values into `keys` and `values` at `start`; returns [B, T, heads * D].
+    After `available()`."""
+    if not (keys.is_contiguous() and values.is_contiguous()):
+        # Paddle hands a custom op a contiguous copy of a view: the new keys would be written there.
+        raise ValueError("cpu_ops.attention: the KV cache must be contiguous tensors, not views")
     return _run_custom_op("ernie_cpu_attention", qkv, cos, sin, keys, values, mask, start, heads, scale,
                           cpu_threads())[0]
 
@@ -71,36 +76,54 @@ def _run_custom_op(name, *args):
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether the kernel is loaded in this process, building it first if this machine has not."""
+    """Whether the operators are loaded in this process, building them first if this machine has not.
+    A failed build is remembered (a `.failed` file beside where the library would be) and not retried."""
     if os.environ.get("ERNIE_PADDLE_CPU_OPS", "1") == "0":
         return False
-    library = cache_dir() / _build_key() / f"{LIBRARY}.so"
-    failed = library.with_suffix(".failed")
-    if failed.exists():
-        log.debug("CPU kernel: an earlier build failed (%s); using Paddle's matmul", failed)
-        return False
+    library = failed = None
     try:
+        library = cache_dir() / _build_key() / f"{LIBRARY}.so"
+        failed = library.with_suffix(".failed")
         if not library.exists():
+            if failed.exists():
+                log.debug("CPU operators: an earlier build failed (%s); using Paddle's ops", failed)
+                return False
             _build(library)
-        import_paddle().base.core.load_op_meta_info_and_register_op(str(library))
-        return True
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
         try:
-            failed.parent.mkdir(parents=True, exist_ok=True)
+            import_paddle().base.core.load_op_meta_info_and_register_op(str(library))
+        except Exception:
+            library.unlink(missing_ok=True)  # unusable (a different Paddle, a damaged file): rebuilt next time
+            raise
+        failed.unlink(missing_ok=True)  # a concurrent build that failed
+        return True
+    except Exception as e:  # any failure leaves Paddle's own ops, which compute the same
+        _report(e, failed)
+        return False
+
+
+def _report(error: Exception, failed: Path | None):
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        fix = "install a C++ compiler"
+    elif failed is None or failed.parent.exists() and os.access(failed.parent, os.W_OK):
+        fix = "fix the cause"
+    else:
+        fix = "set ERNIE_PADDLE_CACHE to a writable directory"
+    if failed is not None:
+        try:
             failed.write_text(reason + "\n")
+            fix += f" and delete {failed}"
         except OSError:
             pass
-        print(f"ernie-paddle: the CPU decoding kernels could not be built ({reason}); Paddle's own ops "
-              f"run instead, decoding 1.1x to 1.6x slower. Install a C++ compiler and remove {failed} "
-              "to retry.", file=sys.stderr)
-        return False
+    print(f"ernie-paddle: the CPU decoding kernels are unavailable ({reason}); Paddle's own ops run instead, "
+          f"decoding 1.1x to 1.6x slower. To use them, {fix}.", file=sys.stderr)
 
 
 def _build_key() -> str:
-    """Changes with anything the library depends on: the source, flags, Paddle, and the CPU
+    """Changes with anything the library depends on: the sources, flags, Paddle, and the CPU
     (-march=native)."""
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(CSRC.iterdir())))
+    sources = sorted(p for p in CSRC.iterdir() if p.suffix in (".cc", ".h"))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources))
     digest.update(" ".join(FLAGS).encode())
     paddle = import_paddle()
     digest.update(f"{paddle.__version__} {paddle.__file__}".encode())

@@ -43,12 +43,12 @@ def left_padded(prompts: list[list[int]], new_tokens: int, pad_id: int = 0):
 
 
 def step_masks(valid: paddle.Tensor):
-    """For a decoding step's query at position p: mask(p) [B, 1, total] hides the padding and the
-    positions after p, over the whole cache (padding mask + row p of a causal table)."""
-    total = valid.shape[1]
-    padding = paddle.where(valid > 0, paddle.zeros([], "float32"), paddle.full([], MASKED, "float32")).unsqueeze(1)
-    future = causal_mask(paddle.ones([1, total], "int64"), 0, total)[0]
-    return lambda p: padding + future[p:p + 1]
+    """For a decoding step's query at position p: mask(p) [B, 1, total] over the whole cache, hiding
+    the padding and the positions after p."""
+    zero, masked = paddle.zeros([], "float32"), paddle.full([], MASKED, "float32")
+    padding = paddle.where(valid > 0, zero, masked).unsqueeze(1)
+    cache_positions = paddle.arange(valid.shape[1], dtype="int64")
+    return lambda p: padding + paddle.where(cache_positions > p, masked, zero)
 
 
 def decode_steps(model: ErnieForCausalLM, prompts: list[list[int]], settings: GenerationSettings,

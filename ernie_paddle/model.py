@@ -160,11 +160,13 @@ class Attention(nn.Layer):
             keys, values = cache_kv
             keys[:, :, start:start + t] = k
             values[:, :, start:start + t] = v
-            if start > 0:
-                # Attend over the whole cache, the mask hiding what is not written yet: a slice of
-                # the filled part is a strided view that matmul first copies, which cost 8x the
-                # attention itself at batch 8.
+            if start > 0 and keys.place.is_cpu_place():
+                # Over the whole cache, the mask hiding what is not written yet: on CPU a slice of the
+                # filled part is a strided view that matmul first copies, 8x the attention's cost at
+                # batch 8. Elsewhere the slice is cheap and the cache may be much longer.
                 k, v = keys, values
+            elif start > 0:
+                k, v, mask = keys[:, :, :start + t], values[:, :, :start + t], mask[..., :start + t]
         if self.fused is not None:
             return paddle.matmul(self.fused(q, k, v, mask).reshape([b, t, h * d]), self.o_proj)
         # GQA without repeating K/V: query head j uses kv head j // groups, so fold the groups of
@@ -232,9 +234,9 @@ class ErnieForCausalLM(nn.Layer):
 
     def forward(self, input_ids, positions, mask, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False):
-        """input_ids, positions: [B, T] int64; mask: additive float32 [B, T, S] over the S keys
-        attended: the T new tokens when `start` is 0 or there is no cache, else the whole cache
-        (positions not written yet masked).
+        """input_ids, positions: [B, T] int64; mask: additive float32 [B, T, S], causal, over the S
+        keys attended: the T new tokens when `start` is 0 or there is no cache, else the whole cache
+        (the positions not written yet masked).
         Returns float32 logits [B, T, V], or [B, V] for the last position when `last_only`."""
         x = F.embedding(input_ids, self.ernie.embed_tokens)
         rotate = self.rope.at(positions)

@@ -14,16 +14,7 @@ namespace {
 
 using namespace ernie;
 
-// Attention of T new tokens per row (a prompt, or one decoding step) over the KV cache: RoPE on the
-// new queries and keys, the new keys and values written into the cache at start..start+T-1, then for
-// the query at start+t, softmax(q k^T * scale + mask) v over cache positions 0..start+t (causal: the
-// later ones are masked out anyway, so they are skipped). Replaces ~20 small Paddle ops per layer
-// when decoding, and the full T x T score matrix (half of it masked) when prefilling.
-//   qkv [B, T, (H + 2 KV) * D] as the fused projection gives it ([Q | K | V], head-major)
-//   cos, sin [B, T, D]: RoPE at each token's position, sin negated on even channels (interleaved pairs)
-//   keys, values [B, KV, L, D]: the cache, written in place
-//   mask [B, T, S] additive, S >= start + T: key j of the query at start + t is masked by mask[b, t, j]
-//   returns [B, T, H * D]
+// x rotated by RoPE: pairs (2i, 2i+1), sin negated on even channels.
 void rope(const float* x, const float* cos, const float* sin, float* out, int64_t D) {
   for (int64_t i = 0; i < D; i += 2) {
     out[i] = x[i] * cos[i] + x[i + 1] * sin[i];
@@ -31,10 +22,15 @@ void rope(const float* x, const float* cos, const float* sin, float* out, int64_
   }
 }
 
-// softmax(scores[0..last]) in place; returns nothing: p[j] becomes exp(p[j] - max) / sum.
+// softmax(p[0..last]) in place. A row with every key at -inf (no key to attend to) becomes zeros,
+// not NaN.
 void softmax(float* p, int64_t last) {
   float top = -INFINITY, total = 0.f;
   for (int64_t j = 0; j <= last; ++j) top = std::max(top, p[j]);
+  if (top == -INFINITY) {
+    std::fill(p, p + last + 1, 0.f);
+    return;
+  }
   for (int64_t j = 0; j <= last; ++j) total += (p[j] = std::exp(p[j] - top));
   for (int64_t j = 0; j <= last; ++j) p[j] /= total;
 }
@@ -83,12 +79,32 @@ void attend_any(const float* q, const float* k_rows, const float* v_rows, const 
   }
 }
 
-std::vector<paddle::Tensor> CpuAttention(const paddle::Tensor& qkv, const paddle::Tensor& cos,
-                                         const paddle::Tensor& sin, paddle::Tensor& keys, paddle::Tensor& values,
-                                         const paddle::Tensor& mask, int start, int heads, float scale,
+// Attention of T new tokens per row (a prompt, or one decoding step) over the KV cache: RoPE on the
+// new queries and keys, the new keys and values written into the cache at start..start+T-1, then for
+// the query at start+t, softmax(q k^T * scale + mask) v over cache positions 0..start+t: causal, the
+// later keys are not read whatever the mask says. Replaces ~20 small Paddle ops per layer when
+// decoding, and the full T x T score matrix (half of it masked) when prefilling.
+//   qkv [B, T, (H + 2 KV) * D] as the fused projection gives it ([Q | K | V], head-major)
+//   cos, sin [B, T, D]: RoPE at each token's position, sin negated on even channels (interleaved pairs)
+//   keys, values [B, KV, L, D]: the cache, written in place
+//   mask [B, T, S] additive, S >= start + T: key j of the query at start + t is masked by mask[b, t, j]
+//   returns [B, T, H * D]
+std::vector<paddle::Tensor> CpuAttention(const paddle::Tensor& qkv_in, const paddle::Tensor& cos_in,
+                                         const paddle::Tensor& sin_in, paddle::Tensor& keys, paddle::Tensor& values,
+                                         const paddle::Tensor& mask_in, int start, int heads, float scale,
                                          int threads) {
+  const std::initializer_list<const paddle::Tensor*> all = {&qkv_in, &cos_in, &sin_in, &mask_in, &keys, &values};
+  for (const paddle::Tensor* t : all)
+    PD_CHECK(t->is_cpu() && t->dtype() == paddle::DataType::FLOAT32, "ernie_cpu_attention: float32 CPU tensors only");
+  PD_CHECK(keys.shape() == values.shape() && keys.shape().size() == 4,
+           "ernie_cpu_attention: the cache must be two [B, KV, L, D] tensors");
+  const paddle::Tensor qkv = qkv_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous(),
+                       mask = mask_in.contiguous();
   const std::vector<int64_t> cs = keys.shape();
-  const int64_t B = cs[0], KV = cs[1], L = cs[2], D = cs[3], H = heads, G = H / KV;
+  const int64_t B = cs[0], KV = cs[1], L = cs[2], D = cs[3], H = heads;
+  PD_CHECK(KV > 0 && H % KV == 0, "ernie_cpu_attention: heads must be a multiple of the cache's kv heads");
+  const int64_t G = H / KV;
+  threads = std::max(1, threads);
   const int64_t T = B == 0 ? 0 : qkv.numel() / (B * (H + 2 * KV) * D), S = mask.shape().back();
   PD_CHECK(qkv.numel() == B * T * (H + 2 * KV) * D && mask.numel() == B * T * S && start >= 0 &&
                start + T <= L && start + T <= S && cos.numel() == B * T * D && sin.numel() == B * T * D,

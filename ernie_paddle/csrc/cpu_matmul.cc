@@ -73,7 +73,8 @@ void add_rows(const float* x, const float* w, float* acc, int64_t M, int64_t K, 
     for (int64_t v = 0; v < vectors; ++v) {
       const int64_t n = v * kLanes, width = std::min<int64_t>(kLanes, N - n);
       Vec wv[kStep] = {};
-      for (int j = 0; j < rows; ++j) wv[j] = width == kLanes ? load(wk + j * N + n) : load_partial(wk + j * N + n, width);
+      for (int j = 0; j < rows; ++j)
+        wv[j] = width == kLanes ? load(wk + j * N + n) : load_partial(wk + j * N + n, width);
       for (int64_t b = 0; b < blocks; ++b) {
         const int block_rows = static_cast<int>(std::min<int64_t>(kBlock, M - b * kBlock));
         float* acc_block = acc + acc_offset(b * kBlock, v, M, vectors);
@@ -104,11 +105,11 @@ void matmul_rows(const float* x, const float* w, float* y, int64_t M, int64_t K,
     share(M * vectors, t, used, 1, &r0, &r1);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t m = r / vectors, v = r % vectors, at = acc_offset(m, v, M, vectors);
-      Vec sum = load(all + at);
-      for (int p = 1; p < used; ++p) sum += load(all + p * size + at);
+      Vec total = load(all + at);
+      for (int p = 1; p < used; ++p) total += load(all + p * size + at);
       const int64_t n = v * kLanes, width = std::min<int64_t>(kLanes, N - n);
-      if (width == kLanes) store(y + m * N + n, sum);
-      else std::memcpy(y + m * N + n, &sum, width * sizeof(float));
+      if (width == kLanes) store(y + m * N + n, total);
+      else std::memcpy(y + m * N + n, &total, width * sizeof(float));
     }
   }
 }
@@ -182,6 +183,10 @@ std::vector<paddle::Tensor> CpuMatmul(const paddle::Tensor& x_in, const paddle::
   std::vector<int64_t> ys(xs);
   ys.back() = N;
   paddle::Tensor y = paddle::empty(ys, paddle::DataType::FLOAT32, x.place());
+  if (K == 0) {  // an empty sum
+    std::fill(y.data<float>(), y.data<float>() + y.numel(), 0.f);
+    return {y};
+  }
   threads = std::max(1, threads);
   if (transpose_w) matmul_rows_transposed(x.data<float>(), w.data<float>(), y.data<float>(), M, K, N, threads);
   else matmul_rows(x.data<float>(), w.data<float>(), y.data<float>(), M, K, N, threads);
