@@ -148,11 +148,29 @@ def _build(library: Path):
           file=sys.stderr, flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=library.parent) as work:
-        done = subprocess.run([sys.executable, "-c", BUILD, LIBRARY, work, ",".join(map(str, SOURCES)), *FLAGS],
-                              capture_output=True, text=True, timeout=900)
+        command = [sys.executable, "-c", BUILD, LIBRARY, work, ",".join(map(str, SOURCES)), *FLAGS]
+        returncode, output = _run_with_clock(command, timeout=900)
         built = sorted(Path(work).rglob(f"{LIBRARY}*.so"))
-        if done.returncode != 0 or not built:
-            lines = [line for line in (done.stderr + done.stdout).splitlines() if "error" in line.lower()]
-            raise RuntimeError(lines[0] if lines else f"the build exited with code {done.returncode}")
+        if returncode != 0 or not built:
+            lines = [line for line in output.splitlines() if "error" in line.lower()]
+            raise RuntimeError(lines[0] if lines else f"the build exited with code {returncode}")
         os.replace(built[0], library)  # complete or absent, even with two builders at once
     print(f"ernie-paddle: built in {time.perf_counter() - started:.1f} s ({library})", file=sys.stderr)
+
+
+def _run_with_clock(command: list[str], timeout: float) -> tuple[int, str]:
+    """Run `command`, showing the seconds elapsed on a terminal; its exit code and output."""
+    from tqdm import tqdm
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process, \
+            tqdm(desc="compiling", bar_format="{desc} {elapsed}", file=sys.stderr, leave=False,
+                 disable=None) as clock:  # None: only on a terminal
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                output, _ = process.communicate(timeout=0.5)
+                return process.returncode, output
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    process.kill()
+                    raise
+                clock.refresh()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import sys
 import threading
 import time
@@ -220,6 +221,10 @@ def run_serve(args) -> int:
     host, port = server.server_address[:2]
     print(f"serving {server.served_name} ({predictor.device}, {predictor.dtype}) on http://{host}:{port} "
           "(/v1/completions, /v1/models, /health); Ctrl-C stops", file=sys.stderr)
+    # Ctrl-C and `kill` stop the server, also when started in the background by a shell (which
+    # starts it with SIGINT ignored).
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

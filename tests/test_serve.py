@@ -175,10 +175,13 @@ def test_deploy_smoke_test_script_passes_against_serve(port, tmp_path):
     assert "smoke test passed" in done.stdout
 
 
-def test_cli_serve_subprocess_answers_and_stops(predictor):
-    """The `ernie-paddle serve` command itself: load, listen on a free port, answer, stop on SIGINT."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_cli_serve_subprocess_answers_and_stops(predictor, stop):
+    """The `ernie-paddle serve` command itself: load, listen on a free port, answer, stop on SIGINT
+    (Ctrl-C) or SIGTERM (kill), also when started as a shell's background job (SIGINT ignored)."""
     proc = subprocess.Popen([sys.executable, "-m", "ernie_paddle", "serve", "--model", str(DEMO), "--port", "0",
-                             "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+                             "--device", "cpu"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline, seen = time.monotonic() + TIMEOUT_S, ""
         while not (match := re.search(r"on http://127\.0\.0\.1:(\d+)", seen)):
@@ -188,7 +191,7 @@ def test_cli_serve_subprocess_answers_and_stops(predictor):
         port = int(match.group(1))
         assert call(port, "GET", "/health")[0] == 200
         assert complete(port, max_tokens=2)["usage"]["completion_tokens"] <= 2
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         assert proc.wait(TIMEOUT_S) == 0
     finally:
         proc.kill()
