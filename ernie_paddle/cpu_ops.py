@@ -71,7 +71,12 @@ def attention(qkv, cos, sin, keys, values, mask, start: int, heads: int, scale: 
 
 
 def _run_custom_op(name, *args):
-    return import_paddle().base.core.eager._run_custom_op(name, *args)
+    return _custom_op_runner()(name, *args)
+
+
+@functools.lru_cache(maxsize=None)
+def _custom_op_runner():
+    return import_paddle().base.core.eager._run_custom_op
 
 
 @functools.lru_cache(maxsize=None)

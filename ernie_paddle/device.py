@@ -50,9 +50,10 @@ def cpu_threads() -> int:
 
 def import_paddle():
     """Import paddle once, quietly, or say in one line what to install."""
+    if "paddle" in sys.modules:  # called per op on hot paths: return at once
+        return sys.modules["paddle"]
     os.environ.setdefault("GLOG_minloglevel", "2")
-    if "paddle" not in sys.modules:
-        configure_cpu_math()
+    configure_cpu_math()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "No ccache found" from paddle.utils.cpp_extension
