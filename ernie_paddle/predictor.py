@@ -11,6 +11,7 @@ import numpy as np
 
 from converters import mapping
 
+from . import cpu_ops
 from . import device as devices
 from .checkpoint import CODES, DTYPES, ITEMSIZE, Checkpoint, cast, resolve_model_dir
 from .config import ErnieConfig
@@ -130,6 +131,8 @@ class ErniePredictor:
         finally:
             ckpt.close()
         net.eval()
+        if place == "cpu" and dtype == "float32":
+            cpu_ops.available()  # built here, the first time on this machine, not inside a first request
         return cls(net, tokenizer, place, dtype, directory)
 
     def _ids(self, prompt) -> list[int]:
