@@ -73,11 +73,15 @@ def measure(model, input_len: int, output_len: int, batch: int = 1, repeat: int 
                     batch * input_len / ttft, weight_bytes(model) / tpot / 1e9 if tpot else 0.0)
 
 
-def matmul_ceiling(model, device: str, repeat: int = 5, kernel: bool = False) -> float:
+def matmul_ceiling(model, device: str, repeat: int = 5, kernel: bool = False) -> float | None:
     """Seconds for one batch-1 pass of bare matmuls, one call per weight matrix as the model lays them
     out (the tied embedding as the lm_head): the bound for a decode step that reads its weights that
-    way. `paddle.matmul`, or with `kernel` the CPU decoding kernel. The fastest of `repeat` passes."""
+    way. `paddle.matmul`, or with `kernel` the CPU decoding kernel. The fastest of `repeat` passes.
+    None for Paddle's when the weights are held in another dtype than the computation's (Paddle has
+    no CPU matmul of float32 by bfloat16)."""
     from . import cpu_ops
+    if not kernel and model.weight_dtype != model.dtype_name:
+        return None
 
     def matmul(x, w, transpose_w=False):
         return cpu_ops.matmul(x, w, transpose_w) if kernel else paddle.matmul(x, w, transpose_y=transpose_w)
@@ -87,7 +91,7 @@ def matmul_ceiling(model, device: str, repeat: int = 5, kernel: bool = False) ->
     inputs = {}
     for w in matrices:
         size = w.shape[1] if w is embedding else w.shape[0]
-        inputs.setdefault(size, paddle.randn([1, size]).astype(w.dtype))
+        inputs.setdefault(size, paddle.randn([1, size]).astype(model.dtype_name))
 
     def one_pass():
         for w in matrices:
@@ -152,7 +156,8 @@ def run_bench(args) -> int:
     if args.warmup < 0:
         raise ErnieError(f"--warmup {args.warmup}: must be at least 0")
     start = time.perf_counter()
-    pred = ErniePredictor.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    pred = ErniePredictor.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                          weight_dtype=args.weight_dtype)
     load_s = time.perf_counter() - start
     limit = pred.config.max_position_embeddings
     if max(input_lens) + max(output_lens) > limit:
@@ -164,18 +169,24 @@ def run_bench(args) -> int:
     peak = peak_memory(pred.device)
     nbytes = weight_bytes(model)
 
-    print(f"{args.model} on {pred.device}, {pred.dtype}, batch {args.batch}: weights {nbytes / 1e9:.2f} GB, "
+    print(f"{args.model} on {pred.device}, {pred.dtype} (weights held in {model.weight_dtype}), "
+          f"batch {args.batch}: weights {nbytes / 1e9:.2f} GB, "
           f"loaded in {load_s:.1f} s")
     print(format_table(rows))
-    print(f"Paddle's bare matmuls over these weights: {1 / ceiling_s:.1f} tok/s at batch 1 "
-          f"({nbytes / ceiling_s / 1e9:.1f} GB/s)")
+    if ceiling_s:
+        print(f"Paddle's bare matmuls over these weights: {1 / ceiling_s:.1f} tok/s at batch 1 "
+              f"({nbytes / ceiling_s / 1e9:.1f} GB/s)")
+    else:
+        print(f"Paddle's bare matmuls: none over {model.weight_dtype} weights in {pred.dtype} "
+              "(--weight-dtype float32 measures them)")
     if kernel_s:
         print(f"the CPU decoding kernel's bare matmuls: {1 / kernel_s:.1f} tok/s ({nbytes / kernel_s / 1e9:.1f} GB/s)")
     print(f"peak memory: {peak / 2**30:.2f} GiB" if peak else "peak memory: not reported by this device")
     if args.json_out:
-        report = dict(model=str(args.model), device=pred.device, dtype=pred.dtype, batch=args.batch,
+        report = dict(model=str(args.model), device=pred.device, dtype=pred.dtype,
+                      weight_dtype=model.weight_dtype, batch=args.batch,
                       weight_bytes=nbytes, load_s=load_s, peak_memory_bytes=peak,
-                      matmul_ceiling_tps=1 / ceiling_s, kernel_ceiling_tps=1 / kernel_s if kernel_s else None,
+                      matmul_ceiling_tps=1 / ceiling_s if ceiling_s else None, kernel_ceiling_tps=1 / kernel_s if kernel_s else None,
                       rows=[asdict(r) for r in rows])
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json_out}", file=sys.stderr)

@@ -397,7 +397,8 @@ def run_check(args) -> int:
         raise ErnieError(f"--greedy-tokens {args.greedy_tokens}: must be 0 (no generation) or more")
     prompts = load_prompts(args.prompts)
 
-    candidate = ErniePredictor.from_pretrained(model_dir, device=args.device, dtype=args.dtype)
+    candidate = ErniePredictor.from_pretrained(model_dir, device=args.device, dtype=args.dtype,
+                                               weight_dtype=args.weight_dtype)
     tokenizer = candidate.tokenizer
     if tokenizer is None:
         raise ErnieError(f"{model_dir}: no tokenizer.model, which the checker needs to encode its prompts")

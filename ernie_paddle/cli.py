@@ -13,6 +13,9 @@ from .errors import ErnieError
 def _device_args(p, default_dtype="auto"):
     p.add_argument("--device", default="auto", help="auto, cpu, gpu[:i], npu[:i] or another custom device")
     p.add_argument("--dtype", default=default_dtype, help="auto, float32, bfloat16, float16")
+    p.add_argument("--weight-dtype", default="auto",
+                   help="dtype the weight matrices are held in; auto keeps a bf16 checkpoint's in bf16 under "
+                        "float32 on CPU (exact, half the memory); float32 widens them at load")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,7 +118,7 @@ def _run(args) -> int:
         return run_generate(args)
     if args.command == "demo":
         from .demo import run_demo
-        return run_demo(device=args.device, dtype=args.dtype)
+        return run_demo(device=args.device, dtype=args.dtype, weight_dtype=args.weight_dtype)
     if args.command == "check":
         from .check import run_check
         return run_check(args)

@@ -34,7 +34,7 @@ def transformers_logits(model_dir: Path, batch: list[list[int]]) -> list[np.ndar
         return [model(torch.tensor([ids])).logits[0].numpy() for ids in batch]
 
 
-def run_demo(device: str = "auto", dtype: str = "auto") -> int:
+def run_demo(device: str = "auto", dtype: str = "auto", weight_dtype: str = "auto") -> int:
     from converters.convert import pt2paddle
 
     from .predictor import ErniePredictor
@@ -46,8 +46,10 @@ def run_demo(device: str = "auto", dtype: str = "auto") -> int:
         paddle_dir = Path(tmp) / "ernie-4.5-tiny-demo-Paddle"
         pt2paddle(DEMO_MODEL, paddle_dir, progress=False)
         print(f"2. converted to the -Paddle layout: convert pt2paddle {DEMO_MODEL.name} {paddle_dir.name}")
-        pred = ErniePredictor.from_pretrained(paddle_dir, device=device, dtype=dtype, progress=False)
-        print(f"3. generating on {pred.device} in {pred.dtype} with Paddle (greedy; the model's text in brackets):")
+        pred = ErniePredictor.from_pretrained(paddle_dir, device=device, dtype=dtype, progress=False,
+                                             weight_dtype=weight_dtype)
+        print(f"3. generating on {pred.device} in {pred.dtype} (weights held in {pred.model.weight_dtype}) with Paddle "
+              "(greedy; the model's text in brackets):")
         prompts = [f["prompt"] for f in facts]
         results = pred.generate(prompts, max_new_tokens=16, stop=["\n"])
         for prompt, result in zip(prompts, results):

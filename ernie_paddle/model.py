@@ -4,6 +4,9 @@ Weights are held in the published -Paddle layout: Linear weights are [in, out] (
 attention projection is one fused [Q | K | V] matrix and the MLP one fused [GATE | UP] matrix.
 Numerics follow transformers' `Ernie4_5ForCausalLM`: RMSNorm statistics, interleaved RoPE and the
 attention softmax in float32, whatever the compute dtype.
+
+The weight matrices may be held in a narrower dtype than the computation: float32 on CPU over
+bfloat16 matrices (a bf16 checkpoint as it is stored), widened exactly where they are read.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ class RMSNorm(nn.Layer):
 
 def project(x, w, transpose_w: bool = False):
     """x [..., K] @ w, with w [K, N], or [N, K] when `transpose_w` (the tied lm_head).
-    On CPU, decoding (a few rows) runs the weight-streaming kernel of cpu_ops.py. Without it, MKL
+    On CPU, decoding (a few rows) runs the weight-streaming kernel of cpu_ops.py, which widens
+    bfloat16 weights as it reads them; longer inputs widen them first for MKL. Without it, MKL
     computes a one-row product on one core only, so it is run as a batch of two products over the
     halves of w's rows (contiguous views), which MKL spreads over two cores: halves of K give partial
     sums, halves of N output halves. For the lm_head with 8 to 32 rows MKL is 1.3x faster computing
@@ -56,8 +60,10 @@ def project(x, w, transpose_w: bool = False):
     rows = math.prod(x.shape[:-1])
     if not w.place.is_cpu_place():
         return paddle.matmul(x, w, transpose_y=transpose_w)
-    if rows <= cpu_ops.MAX_ROWS and w.dtype == paddle.float32 and cpu_ops.available():
+    if rows <= cpu_ops.MAX_ROWS and x.dtype == paddle.float32 and cpu_ops.available():
         return cpu_ops.matmul(x, w, transpose_w)
+    if w.dtype != x.dtype:
+        w = cpu_ops.widen(w) if cpu_ops.available() else w.astype(x.dtype)
     if transpose_w and 8 <= rows <= 32:
         return paddle.matmul(w, x.reshape([rows, -1]), transpose_y=True).t().reshape([*x.shape[:-1], -1])
     if not (device.cpu_threads() > 1 and rows == 1 and w.shape[0] % 2 == 0):
@@ -139,11 +145,11 @@ class KVCache:
 
 
 class Attention(nn.Layer):
-    def __init__(self, config: ErnieConfig, dtype: str):
+    def __init__(self, config: ErnieConfig, dtype: str, weight_dtype: str):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.qkv_proj = _weight([config.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim], dtype)
-        self.o_proj = _weight([self.heads * self.head_dim, config.hidden_size], dtype)
+        self.qkv_proj = _weight([config.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim], weight_dtype)
+        self.o_proj = _weight([self.heads * self.head_dim, config.hidden_size], weight_dtype)
         self.scale = self.head_dim ** -0.5
         self.fused = device.fused_op("attention", dtype)
 
@@ -192,10 +198,10 @@ class Attention(nn.Layer):
 
 
 class MLP(nn.Layer):
-    def __init__(self, config: ErnieConfig, dtype: str):
+    def __init__(self, config: ErnieConfig, weight_dtype: str):
         super().__init__()
-        self.up_gate_proj = _weight([config.hidden_size, 2 * config.intermediate_size], dtype)
-        self.down_proj = _weight([config.intermediate_size, config.hidden_size], dtype)
+        self.up_gate_proj = _weight([config.hidden_size, 2 * config.intermediate_size], weight_dtype)
+        self.down_proj = _weight([config.intermediate_size, config.hidden_size], weight_dtype)
 
     def forward(self, x):
         # swiglu: silu of the first half ([GATE | UP]) times the second, in one op.
@@ -203,12 +209,12 @@ class MLP(nn.Layer):
 
 
 class DecoderLayer(nn.Layer):
-    def __init__(self, config: ErnieConfig, dtype: str):
+    def __init__(self, config: ErnieConfig, dtype: str, weight_dtype: str):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = Attention(config, dtype)
+        self.self_attn = Attention(config, dtype, weight_dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = MLP(config, dtype)
+        self.mlp = MLP(config, weight_dtype)
 
     def forward(self, x, rotate, mask, cache_kv, start):
         x = x + self.self_attn(self.input_layernorm(x), rotate, mask, cache_kv, start)
@@ -217,17 +223,22 @@ class DecoderLayer(nn.Layer):
 
 class ErnieForCausalLM(nn.Layer):
     """ERNIE 4.5 dense decoder. Parameter names are the -Paddle checkpoint names
-    (`ernie.layers.0.self_attn.qkv_proj.weight` is `ernie.layers[0].self_attn.qkv_proj`)."""
+    (`ernie.layers.0.self_attn.qkv_proj.weight` is `ernie.layers[0].self_attn.qkv_proj`).
+    `dtype` is the computation's; `weight_dtype` that of the weight matrices and the embedding, by
+    default the same (bfloat16 under float32 is the one mix `project` supports, on CPU)."""
 
-    def __init__(self, config: ErnieConfig, dtype: str = "float32"):
+    def __init__(self, config: ErnieConfig, dtype: str = "float32", weight_dtype: str | None = None):
         super().__init__()
+        weight_dtype = weight_dtype or dtype
         self.config = config
-        self.dtype_name = dtype
+        self.dtype_name, self.weight_dtype = dtype, weight_dtype
         self.ernie = nn.Layer()
-        self.ernie.embed_tokens = _weight([config.vocab_size, config.hidden_size], dtype)
-        self.ernie.layers = nn.LayerList([DecoderLayer(config, dtype) for _ in range(config.num_hidden_layers)])
+        self.ernie.embed_tokens = _weight([config.vocab_size, config.hidden_size], weight_dtype)
+        self.ernie.layers = nn.LayerList([DecoderLayer(config, dtype, weight_dtype)
+                                          for _ in range(config.num_hidden_layers)])
         self.ernie.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.lm_head = None if config.tie_word_embeddings else _weight([config.hidden_size, config.vocab_size], dtype)
+        self.lm_head = None if config.tie_word_embeddings else \
+            _weight([config.hidden_size, config.vocab_size], weight_dtype)
         self.rope = Rope(config)
 
     def weights(self) -> dict[str, paddle.Tensor]:
@@ -240,7 +251,7 @@ class ErnieForCausalLM(nn.Layer):
         keys attended: the T new tokens when `start` is 0 or there is no cache, else the whole cache
         (the positions not written yet masked).
         Returns float32 logits [B, T, V], or [B, V] for the last position when `last_only`."""
-        x = F.embedding(input_ids, self.ernie.embed_tokens)
+        x = F.embedding(input_ids, self.ernie.embed_tokens).astype(self.dtype_name)
         rotate = self.rope.at(positions)
         if not attention_on_cpu(x, cache):
             mask = self.ernie.layers[0].self_attn.expand_mask(mask)

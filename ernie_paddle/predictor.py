@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from dataclasses import dataclass
@@ -37,9 +38,9 @@ class GenerationResult:
     generation_tps: float       # decode tokens per second
 
 
-def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, dtype: str, progress: bool = True):
-    """Copy a checkpoint of either layout into the model, one tensor (or fused group) at a time;
-    -PT tensors are mapped on the fly with the converters' rules."""
+def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, progress: bool = True):
+    """Copy a checkpoint of either layout into the model, one tensor (or fused group) at a time, each
+    cast to its parameter's dtype; -PT tensors are mapped on the fly with the converters' rules."""
     config = model.config
     layout = ckpt.layout
     try:
@@ -64,7 +65,7 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, dtype: str, progress
             if info.shape != tuple(want):
                 raise ErnieError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but config.json "
                                  f"implies {list(want)}; the weights and config.json do not belong together")
-        _fill(param, ckpt, group, layout, dtype)
+        _fill(param, ckpt, group, layout)
         bar.update(sum(ckpt.tensors[n].nbytes for n in sources))
     bar.close()
     if params:
@@ -72,18 +73,28 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, dtype: str, progress
         raise ErnieError(f"{ckpt.directory}: tensor {name!r} (or its -PT parts) is missing from the checkpoint")
 
 
-def _fill(param, ckpt: Checkpoint, group: mapping.Group, layout: str, dtype: str):
+def _fill(param, ckpt: Checkpoint, group: mapping.Group, layout: str):
     """Write one parameter from its checkpoint tensors. A CPU parameter is written in place through a
     numpy view of its memory, and a tensor used as it is stored streams in blocks, so loading never
     holds a second whole copy of a tensor: peak memory stays close to the weights themselves."""
     on_cpu = param.place.is_cpu_place()
-    target = np.from_dlpack(param.detach()) if on_cpu else np.empty(param.shape, DTYPES[CODES[dtype]][1])
+    dtype = str(param.dtype).removeprefix("paddle.")
+    target = _host_view(param) if on_cpu else np.empty(param.shape, DTYPES[CODES[dtype]][1])
     if layout == "paddle" or group.how == mapping.COPY:
         _read_blocks(ckpt, group.paddle if layout == "paddle" else group.pt[0], target, dtype)
     else:
         target[...] = mapping.to_paddle(group, [cast(ckpt.read(n), ckpt.dtype(n), dtype) for n in group.pt])
     if not on_cpu:
         param.set_value(target)
+
+
+def _host_view(param) -> np.ndarray:
+    """A numpy array over a CPU parameter's memory. numpy has no bfloat16, so DLPack refuses one: its
+    bits are viewed as uint16 (as checkpoint.py stores bf16) through the data pointer instead."""
+    if param.dtype != paddle.bfloat16:
+        return np.from_dlpack(param.detach())
+    bits = (ctypes.c_uint16 * param.size).from_address(param.data_ptr())
+    return np.ctypeslib.as_array(bits).reshape(param.shape)
 
 
 def _read_blocks(ckpt: Checkpoint, name: str, out: np.ndarray, dtype: str):
@@ -106,6 +117,19 @@ def _read_blocks(ckpt: Checkpoint, name: str, out: np.ndarray, dtype: str):
         raise ErnieError(f"{info.file}: cannot read tensor {name!r} ({e.strerror})") from None
 
 
+def resolve_weight_dtype(requested: str, place: str, dtype: str, ckpt: Checkpoint) -> str:
+    """The dtype of the weight matrices for `from_pretrained(weight_dtype=requested)`."""
+    stored = {ckpt.dtype(n) for n, info in ckpt.tensors.items() if len(info.shape) == 2}
+    on_cpu = place == "cpu" and dtype == "float32"
+    kernels = on_cpu and cpu_ops.available()  # built here the first time on this machine, not in a first request
+    if requested in (None, "auto"):
+        return "bfloat16" if kernels and stored == {"bfloat16"} else dtype
+    if requested == dtype or (requested == "bfloat16" and kernels):
+        return requested
+    raise ErnieError(f"--weight-dtype {requested}: choose auto or {dtype} (the compute dtype)"
+                     + ("" if not on_cpu else ", or bfloat16 with the CPU kernels"))
+
+
 class ErniePredictor:
     def __init__(self, model: ErnieForCausalLM, tokenizer: Tokenizer | None, device: str, dtype: str,
                  directory: Path | None = None):
@@ -115,7 +139,11 @@ class ErniePredictor:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, device: str = "auto", dtype: str = "auto",
-                        progress: bool = True) -> "ErniePredictor":
+                        progress: bool = True, weight_dtype: str = "auto") -> "ErniePredictor":
+        """`dtype` is what the model computes in; `weight_dtype` what its weight matrices are held in:
+        "auto" keeps a bfloat16 checkpoint's matrices in bfloat16 under float32 on CPU (exact: the
+        kernels widen them as they read them, the same float32 results from half the memory and
+        bandwidth), and is otherwise `dtype`. "float32" forces float32 copies."""
         directory = resolve_model_dir(str(model))
         config = ErnieConfig.from_dir(directory)
         if config.kind != "dense":
@@ -124,15 +152,13 @@ class ErniePredictor:
         place = devices.resolve(device)
         dtype = devices.resolve_dtype(place, dtype)
         ckpt = Checkpoint(directory)
-        tokenizer = Tokenizer(directory) if (directory / "tokenizer.model").is_file() else None
-        net = ErnieForCausalLM(config, dtype)
         try:
-            load_weights(net, ckpt, dtype, progress)
+            tokenizer = Tokenizer(directory) if (directory / "tokenizer.model").is_file() else None
+            net = ErnieForCausalLM(config, dtype, resolve_weight_dtype(weight_dtype, place, dtype, ckpt))
+            load_weights(net, ckpt, progress)
         finally:
             ckpt.close()
         net.eval()
-        if place == "cpu" and dtype == "float32":
-            cpu_ops.available()  # built here, the first time on this machine, not inside a first request
         return cls(net, tokenizer, place, dtype, directory)
 
     def _ids(self, prompt) -> list[int]:
@@ -232,7 +258,8 @@ class _NoTextTokenizer:
 
 
 def run_generate(args) -> int:
-    pred = ErniePredictor.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    pred = ErniePredictor.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                          weight_dtype=args.weight_dtype)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty)
     if args.stream:

@@ -216,7 +216,8 @@ def make_server(predictor, host: str = "127.0.0.1", port: int = 8180, served_nam
 def run_serve(args) -> int:
     from .predictor import ErniePredictor
 
-    predictor = ErniePredictor.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    predictor = ErniePredictor.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                               weight_dtype=args.weight_dtype)
     server = make_server(predictor, args.host, args.port, args.served_model_name)
     host, port = server.server_address[:2]
     print(f"serving {server.served_name} ({predictor.device}, {predictor.dtype}) on http://{host}:{port} "

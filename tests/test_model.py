@@ -8,6 +8,7 @@ import torch
 
 from conftest import save_tiny_pt
 from ernie_paddle import ErniePredictor
+from ernie_paddle.errors import ErnieError
 
 CONFIGS = {
     "gqa2-tied": {},
@@ -85,14 +86,49 @@ def test_paddle_layout_gives_same_tokens(tmp_path):
     assert np.abs(from_paddle.logits([PROMPTS[0]])[0] - reference_logits(reference, PROMPTS[0])).max() <= 1e-4
 
 
+def float32_weights(pred):
+    return {name: p.astype("float32").numpy() for name, p in pred.model.weights().items()}
+
+
 def test_bf16_checkpoint_loads_exactly(tmp_path):
+    """float32 copies (--weight-dtype float32) and bfloat16 as stored (the CPU default): the same values."""
     reference = save_tiny_pt(tmp_path, dtype="bfloat16")
-    pred = ErniePredictor.from_pretrained(tmp_path, device="cpu", dtype="float32")
     rounded = {n: p.detach().to(torch.bfloat16).float().numpy() for n, p in reference.named_parameters()}
-    emb = pred.model.weights()["ernie.embed_tokens.weight"].numpy()
-    assert np.array_equal(emb, rounded["model.embed_tokens.weight"])
     q = rounded["model.layers.0.self_attn.q_proj.weight"]
-    assert np.array_equal(pred.model.weights()["ernie.layers.0.self_attn.qkv_proj.weight"].numpy()[:, :q.shape[0]], q.T)
+    for weight_dtype, matrices in (("float32", "float32"), ("auto", "bfloat16")):
+        pred = ErniePredictor.from_pretrained(tmp_path, device="cpu", dtype="float32", weight_dtype=weight_dtype)
+        weights = pred.model.weights()
+        assert str(weights["ernie.layers.0.mlp.down_proj.weight"].dtype) == f"paddle.{matrices}"
+        assert str(weights["ernie.layers.0.input_layernorm.weight"].dtype) == "paddle.float32"
+        values = float32_weights(pred)
+        assert np.array_equal(values["ernie.embed_tokens.weight"], rounded["model.embed_tokens.weight"])
+        assert np.array_equal(values["ernie.layers.0.self_attn.qkv_proj.weight"][:, :q.shape[0]], q.T)
+
+
+@pytest.mark.parametrize("name", ["gqa2-tied", "mha-untied-odd"])
+def test_bf16_weights_compute_exactly_what_float32_copies_do(tmp_path, name):
+    """Held as bfloat16 and widened where read, the weights give bit for bit the float32 results: in
+    decoding (the CPU kernel), a prompt of more than 32 rows (widened for MKL), and all-position logits."""
+    reference = save_tiny_pt(tmp_path, dtype="bfloat16", **CONFIGS[name])
+    held = ErniePredictor.from_pretrained(tmp_path, device="cpu", dtype="float32")
+    copies = ErniePredictor.from_pretrained(tmp_path, device="cpu", dtype="float32", weight_dtype="float32")
+    assert held.model.weight_dtype == "bfloat16" and copies.model.weight_dtype == "float32"
+    long_prompt = list(range(3, 48))
+    batch = [long_prompt, PROMPTS[0], PROMPTS[1]]
+    assert np.array_equal(held.logits(batch), copies.logits(batch))
+    got, want = held.generate(batch, max_new_tokens=12), copies.generate(batch, max_new_tokens=12)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert upto_eos(reference_generate(reference, [long_prompt], 12)[0]) == got[0].token_ids
+    assert np.abs(held.logits([long_prompt])[0] - reference_logits(reference, long_prompt)).max() <= 1e-4
+
+
+def test_weight_dtype_choices(tmp_path):
+    save_tiny_pt(tmp_path)  # a float32 checkpoint stays float32 under auto
+    assert ErniePredictor.from_pretrained(tmp_path, device="cpu").model.weight_dtype == "float32"
+    held = ErniePredictor.from_pretrained(tmp_path, device="cpu", weight_dtype="bfloat16")  # rounds: asked for
+    assert held.model.weight_dtype == "bfloat16"
+    with pytest.raises(ErnieError, match="--weight-dtype float16: choose auto or float32"):
+        ErniePredictor.from_pretrained(tmp_path, device="cpu", weight_dtype="float16")
 
 
 def test_sampling_is_reproducible_and_respects_top_k(tmp_path):

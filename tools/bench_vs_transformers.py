@@ -5,14 +5,16 @@ full-size ERNIE-4.5-0.3B architecture with random weights (speed does not depend
                                           [--rounds 2] [--keep DIR]
 
 It writes the model as a bf16 -PT checkpoint with transformers, converts it to -Paddle, and then in
-one run measures, alternating the two systems round by round and keeping each one's best round:
-- decode at batch 1 (7-token prompt) and time to first token, both systems;
-- bare matmul passes over the same weights, Paddle's and the CPU decoding kernel's: the decode
-  ceilings, in tok/s;
-- prefill of a long prompt, both systems;
+one run measures, alternating the systems round by round and keeping each one's best round:
+- decode at batch 1 (7-token prompt) and time to first token: transformers, and ErniePredictor both
+  with the weights as stored (bf16, widened as read: the default on CPU) and with float32 copies
+  (--weight-dtype float32), all computing in float32;
+- bare matmul passes over the same weights, Paddle's (float32 copies) and the CPU decoding
+  kernel's (both): the decode ceilings, in tok/s;
+- prefill of a long prompt, all three;
 - aggregate decode throughput of ErniePredictor at batch B against batch 1;
 - loading the -Paddle bf16 checkpoint until the first token, and the peak resident memory of a
-  128-token float32 run, in a fresh process that never imports torch.
+  128-token float32 run, in a fresh process that never imports torch, for both weight dtypes.
 With `--llama-gguf FILE` (an F32 GGUF of the same architecture) and `llama-bench` on PATH, llama.cpp's
 tg/pp figures are printed too; ../shared/spec/anchors.md lists them for this machine kind.
 """
@@ -50,13 +52,14 @@ def build(directory: Path) -> tuple[Path, Path]:
     return pt, pd
 
 
-def measure_load(directory: str, new_tokens: int) -> dict:
+def measure_load(directory: str, new_tokens: int, weight_dtype: str) -> dict:
     """Run in a fresh process: import, load the checkpoint as float32, generate; times and peak RSS."""
     start = time.perf_counter()
     from ernie_paddle import ErniePredictor
     from ernie_paddle.bench import peak_memory, weight_bytes
     imported = time.perf_counter()
-    pred = ErniePredictor.from_pretrained(directory, device="cpu", dtype="float32", progress=False)
+    pred = ErniePredictor.from_pretrained(directory, device="cpu", dtype="float32", progress=False,
+                                          weight_dtype=weight_dtype)
     pred.generate([list(range(3, 3 + PROMPT_LEN))], max_new_tokens=1)
     first_token = time.perf_counter()
     pred.generate([list(range(3, 3 + PROMPT_LEN))], max_new_tokens=new_tokens)
@@ -118,69 +121,76 @@ def main(argv=None) -> int:
     parser.add_argument("--llama-gguf", default=None, help="GGUF for llama-bench, when a llama.cpp build is on PATH")
     parser.add_argument("--keep", default=None, help="build the checkpoints here and reuse them next time")
     parser.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)  # the fresh-process part
+    parser.add_argument("--weight-dtype", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure_load:
-        print(json.dumps(measure_load(args.measure_load, args.new_tokens)))
+        print(json.dumps(measure_load(args.measure_load, args.new_tokens, args.weight_dtype)))
         return 0
 
+    n_new = args.new_tokens
     with tempfile.TemporaryDirectory() as scratch:
         pt_dir, paddle_dir = build(Path(args.keep) if args.keep else Path(scratch))
-        load = json.loads(subprocess.run(
-            [sys.executable, __file__, "--measure-load", str(paddle_dir), "--new-tokens", str(args.new_tokens)],
-            check=True, capture_output=True, text=True).stdout)
+        loads = {w: json.loads(subprocess.run(
+            [sys.executable, __file__, "--measure-load", str(paddle_dir), "--new-tokens", str(n_new),
+             "--weight-dtype", w], check=True, capture_output=True, text=True).stdout) for w in ("auto", "float32")}
 
         from ernie_paddle import ErniePredictor
         from ernie_paddle.bench import kernel_ceiling, matmul_ceiling, random_prompts, time_generation
 
-        model = ErniePredictor.from_pretrained(paddle_dir, device="cpu", dtype="float32", progress=False).model
+        models = {w: ErniePredictor.from_pretrained(paddle_dir, device="cpu", dtype="float32", progress=False,
+                                                    weight_dtype=w).model for w in ("auto", "float32")}
         reference = TransformersRunner(pt_dir)
-        vocab, n = ARCHITECTURE["vocab_size"], args.new_tokens
+        vocab = ARCHITECTURE["vocab_size"]
         one, long_prompt = random_prompts(vocab, 1, PROMPT_LEN), random_prompts(vocab, 1, args.prefill_len)
         batch = random_prompts(vocab, args.batch, PROMPT_LEN)
-        time_generation(model, one, 4)  # warm-up, both systems
-        reference.time_generation(one, 4)
-        runs = {key: [] for key in ("ours", "theirs", "ours_prefill", "theirs_prefill", "ours_batch")}
-        ceilings, kernel_ceilings = [], []
+        systems = {**{w: (lambda p, k, m=m: time_generation(m, p, k)) for w, m in models.items()},
+                   "transformers": reference.time_generation}
+        for run in systems.values():
+            run(one, 4)  # warm-up
+        runs = {(name, kind): [] for name in systems for kind in ("decode", "prefill", "batch")}
+        ceilings = {name: [] for name in ("paddle", "kernel auto", "kernel float32")}
         for _ in range(args.rounds):
-            runs["ours"].append(time_generation(model, one, n))
-            ceilings.append(matmul_ceiling(model, "cpu"))
-            kernel_ceilings.append(kernel_ceiling(model, "cpu"))
-            runs["theirs"].append(reference.time_generation(one, n))
-            runs["ours_prefill"].append(time_generation(model, long_prompt, 1))
-            runs["theirs_prefill"].append(reference.time_generation(long_prompt, 1))
-            runs["ours_batch"].append(time_generation(model, batch, n))
-        best = {key: best_of(value) for key, value in runs.items()}
+            for name, run in systems.items():
+                runs[name, "decode"].append(run(one, n_new))
+                runs[name, "prefill"].append(run(long_prompt, 1))
+                if name != "transformers":
+                    runs[name, "batch"].append(run(batch, n_new))
+                    ceilings[f"kernel {name}"].append(kernel_ceiling(models[name], "cpu"))
+            ceilings["paddle"].append(matmul_ceiling(models["float32"], "cpu"))
+        best = {key: best_of(value) for key, value in runs.items() if value}
 
-    ours, theirs = decode_tps(best["ours"], n), decode_tps(best["theirs"], n)
-    ceiling = 1 / min(ceilings)
-    prefill_ours = args.prefill_len / best["ours_prefill"][1]
-    prefill_theirs = args.prefill_len / best["theirs_prefill"][1]
-    batched = decode_tps(best["ours_batch"], n, args.batch)
-    limit = 1.3 * load["weight_bytes"] + load["kv_cache_bytes"]
-    print(f"ERNIE-4.5-0.3B architecture, random weights, float32, greedy; torch {reference.threads} "
+    decode = {name: decode_tps(best[name, "decode"], n_new) for name in systems}
+    prefill = {name: args.prefill_len / best[name, "prefill"][1] for name in systems}
+    theirs = decode["transformers"]
+    print(f"ERNIE-4.5-0.3B architecture, random weights, computing in float32, greedy; torch {reference.threads} "
           f"threads; best of {args.rounds} alternating rounds\n")
-    print("| measure | ernie-paddle | transformers | ratio |\n|---|---|---|---|")
-    print(f"| decode, batch 1, prompt {PROMPT_LEN}, {n} new (tok/s) | {ours:.2f} | {theirs:.2f} "
-          f"| {ours / theirs:.2f}x |")
-    print(f"| latency for those {n} tokens (s) | {best['ours'][1]:.2f} | {best['theirs'][1]:.2f} "
-          f"| {best['theirs'][1] / best['ours'][1]:.2f}x |")
-    print(f"| time to first token, prompt {PROMPT_LEN} (s) | {best['ours'][0]:.3f} | {best['theirs'][0]:.3f} "
-          f"| {best['theirs'][0] / best['ours'][0]:.2f}x |")
-    print(f"| prefill, {args.prefill_len}-token prompt (tok/s) | {prefill_ours:.1f} | {prefill_theirs:.1f} "
-          f"| {prefill_ours / prefill_theirs:.2f}x |")
-    print(f"\nPaddle bare-matmul ceiling: {ceiling:.2f} tok/s ({load['weight_bytes'] * ceiling / 1e9:.1f} GB/s); "
-          f"decode reaches {ours / ceiling:.0%} of it")
-    if None not in kernel_ceilings:
-        kernel = 1 / min(kernel_ceilings)
-        print(f"CPU decoding kernel bare-matmul ceiling: {kernel:.2f} tok/s "
-              f"({load['weight_bytes'] * kernel / 1e9:.1f} GB/s); decode reaches {ours / kernel:.0%} of it")
-    print(f"batch {args.batch}: {batched:.2f} tok/s aggregate decode, {batched / ours:.2f}x batch 1")
-    print(f"-Paddle bf16 checkpoint to first token: {load['load_to_first_token_s']:.2f} s "
-          f"(after {load['import_s']:.2f} s of imports)")
-    print(f"peak RSS of a {n}-token float32 run: {load['peak_rss_bytes'] / 1e9:.2f} GB = "
-          f"{load['peak_rss_bytes'] / load['weight_bytes']:.2f}x the float32 weights "
-          f"(limit 1.3x + KV cache: {limit / 1e9:.2f} GB)")
-    print(llama_cpp(args.llama_gguf, args.new_tokens, args.prefill_len))
+    labels = {"auto": "ernie-paddle, bf16 weights as stored", "float32": "ernie-paddle, float32 weight copies",
+              "transformers": "transformers (float32)"}
+    print(f"| system | decode b1, prompt {PROMPT_LEN}, {n_new} new (tok/s) | vs transformers | TTFT (s) "
+          f"| prefill {args.prefill_len} (tok/s) | vs transformers | batch {args.batch} (tok/s) | vs batch 1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in systems:
+        batched = decode_tps(best[name, "batch"], n_new, args.batch) if name != "transformers" else None
+        print(f"| {labels[name]} | {decode[name]:.2f} | {decode[name] / theirs:.2f}x | {best[name, 'decode'][0]:.3f} "
+              f"| {prefill[name]:.1f} | {prefill[name] / prefill['transformers']:.2f}x | "
+              + (f"{batched:.2f} | {batched / decode[name]:.2f}x |" if batched else "- | - |"))
+    f32_bytes = loads["float32"]["weight_bytes"]
+    paddle_ceiling = 1 / min(ceilings["paddle"])
+    print(f"\nPaddle bare-matmul ceiling (float32 weights): {paddle_ceiling:.2f} tok/s "
+          f"({f32_bytes * paddle_ceiling / 1e9:.1f} GB/s); float32 copies decode at "
+          f"{decode['float32'] / paddle_ceiling:.0%} of it, bf16 weights at {decode['auto'] / paddle_ceiling:.0%}")
+    for name in models:
+        if None not in ceilings[f"kernel {name}"]:
+            kernel = 1 / min(ceilings[f"kernel {name}"])
+            print(f"CPU decoding kernel bare-matmul ceiling, {labels[name].split(', ')[1]}: {kernel:.2f} tok/s "
+                  f"({loads[name]['weight_bytes'] * kernel / 1e9:.1f} GB/s); decode reaches {decode[name] / kernel:.0%}")
+    for name, load in loads.items():
+        limit = 1.3 * f32_bytes + load["kv_cache_bytes"]
+        print(f"{labels[name]}: -Paddle bf16 checkpoint to first token {load['load_to_first_token_s']:.2f} s "
+              f"(after {load['import_s']:.2f} s of imports); peak RSS of a {n_new}-token run "
+              f"{load['peak_rss_bytes'] / 1e9:.2f} GB = {load['peak_rss_bytes'] / f32_bytes:.2f}x the float32 "
+              f"weights (limit 1.3x + KV cache: {limit / 1e9:.2f} GB)")
+    print(llama_cpp(args.llama_gguf, n_new, args.prefill_len))
     return 0
 
 

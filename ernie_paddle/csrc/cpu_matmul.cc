@@ -6,6 +6,10 @@
 //
 //   ernie_cpu_matmul(x [..., K], w [K, N], transpose_w=false) = x @ w        (the -Paddle layout)
 //   ernie_cpu_matmul(x [..., K], w [N, K], transpose_w=true)  = x @ w^T      (the tied lm_head)
+//
+// x is float32; w is float32, or bfloat16 widened as it is read (the same float32 arithmetic, on
+// weights that take half the bytes to stream). ernie_bf16_to_f32(w) widens a whole matrix, for the
+// prompt's matmuls, which MKL computes in float32.
 
 #include <omp.h>
 
@@ -30,10 +34,11 @@ constexpr int kStep = 8;  // rows of w per step; 8 beat 2, 4 and 16 in decoding 
 constexpr int kBlock = 8;  // rows of x per block (8 independent accumulator chains)
 constexpr int kBlockFloats = kBlock * kLanes;
 
-inline Vec load_partial(const float* p, int64_t count) {  // the tail vector of a row, zero-padded
-  Vec v = {};
-  std::memcpy(&v, p, count * sizeof(float));
-  return v;
+template <typename W>
+inline Vec load_partial(const W* p, int64_t count) {  // the tail vector of a row, zero-padded
+  W v[kLanes] = {};
+  std::memcpy(v, p, count * sizeof(W));
+  return load(v);
 }
 
 // acc[0:XR] += xt[j][0:XR] * wv[j] over the kStep rows j of one step.
@@ -60,7 +65,8 @@ inline int64_t acc_offset(int64_t m, int64_t v, int64_t M, int64_t vectors) {
 }
 
 // The partial y of rows k0..k1 of w, into `acc` (M * vectors * kLanes floats, see acc_offset).
-void add_rows(const float* x, const float* w, float* acc, int64_t M, int64_t K, int64_t N, int64_t k0, int64_t k1) {
+template <typename W>
+void add_rows(const float* x, const W* w, float* acc, int64_t M, int64_t K, int64_t N, int64_t k0, int64_t k1) {
   const int64_t blocks = (M + kBlock - 1) / kBlock, vectors = (N + kLanes - 1) / kLanes;
   std::fill(acc, acc + M * vectors * kLanes, 0.f);
   std::vector<float> xt(blocks * kStep * kBlock);
@@ -69,7 +75,7 @@ void add_rows(const float* x, const float* w, float* acc, int64_t M, int64_t K, 
     std::fill(xt.begin(), xt.end(), 0.f);  // rows past K and x rows past M stay zero
     for (int64_t m = 0; m < M; ++m)
       for (int j = 0; j < rows; ++j) xt[(m / kBlock * kStep + j) * kBlock + m % kBlock] = x[m * K + k + j];
-    const float* wk = w + k * N;
+    const W* wk = w + k * N;
     for (int64_t v = 0; v < vectors; ++v) {
       const int64_t n = v * kLanes, width = std::min<int64_t>(kLanes, N - n);
       Vec wv[kStep] = {};
@@ -86,7 +92,30 @@ void add_rows(const float* x, const float* w, float* acc, int64_t M, int64_t K, 
   }
 }
 
-void matmul_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int threads) {
+// add_rows for one row of x (decoding one sequence), with no transposed x table and the converted
+// w vectors going straight into the multiply-adds: the same sums in the same order as add_rows, but
+// reading bfloat16 weights at 1.6x the speed (add_rows parks them in a table on the stack first).
+template <typename W>
+void add_rows_of_one(const float* x, const W* w, float* acc, int64_t N, int64_t k0, int64_t k1) {
+  const int64_t vectors = (N + kLanes - 1) / kLanes;
+  std::fill(acc, acc + vectors * kLanes, 0.f);
+  for (int64_t k = k0; k < k1; k += kStep) {
+    const int rows = static_cast<int>(std::min<int64_t>(kStep, k1 - k));
+    const W* wk = w + k * N;
+    for (int64_t v = 0; v < vectors; ++v) {
+      const int64_t n = v * kLanes, width = std::min<int64_t>(kLanes, N - n);
+      Vec a = load(acc + n);
+      if (rows == kStep && width == kLanes)
+        for (int j = 0; j < kStep; ++j) a += x[k + j] * load(wk + j * N + n);
+      else
+        for (int j = 0; j < rows; ++j) a += x[k + j] * load_partial(wk + j * N + n, width);
+      store(acc + n, a);
+    }
+  }
+}
+
+template <typename W>
+void matmul_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int threads) {
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (K + kStep - 1) / kStep)));
   const int64_t vectors = (N + kLanes - 1) / kLanes, size = M * vectors * kLanes;
   // Reused across calls (a fresh buffer this size would be mmap'ed and page-faulted every call);
@@ -99,7 +128,8 @@ void matmul_rows(const float* x, const float* w, float* y, int64_t M, int64_t K,
     const int t = omp_get_thread_num(), used = omp_get_num_threads();
     int64_t k0, k1;
     share(K, t, used, kStep, &k0, &k1);
-    add_rows(x, w, all + t * size, M, K, N, k0, k1);
+    if (M == 1) add_rows_of_one(x, w, all + t * size, N, k0, k1);
+    else add_rows(x, w, all + t * size, M, K, N, k0, k1);
 #pragma omp barrier
     int64_t r0, r1;  // vectors of y: sum over the threads' partials, write the valid columns
     share(M * vectors, t, used, 1, &r0, &r1);
@@ -116,8 +146,8 @@ void matmul_rows(const float* x, const float* w, float* y, int64_t M, int64_t K,
 
 // A tile of y = x @ w^T: `XR` rows of x against `WR` rows of w, as XR * WR dot products over K,
 // each accumulated in one vector register.
-template <int XR, int WR>
-inline void dot_tile(const float* x, const float* w, float* y, int64_t K, int64_t N) {
+template <int XR, int WR, typename W>
+inline void dot_tile(const float* x, const W* w, float* y, int64_t K, int64_t N) {
   Vec acc[XR][WR] = {};
   const int64_t k_vec = K / kLanes * kLanes;
   for (int64_t k = 0; k < k_vec; k += kLanes) {
@@ -128,17 +158,21 @@ inline void dot_tile(const float* x, const float* w, float* y, int64_t K, int64_
       for (int j = 0; j < WR; ++j) acc[i][j] += xv * wv[j];
     }
   }
-  for (int i = 0; i < XR; ++i)
-    for (int j = 0; j < WR; ++j) {
-      float s = sum(acc[i][j]);
-      for (int64_t k = k_vec; k < K; ++k) s += x[i * K + k] * w[j * K + k];
-      y[i * N + j] = s;
+  if (k_vec < K) {  // the tail, zero-padded to a vector
+    Vec wv[WR];
+    for (int j = 0; j < WR; ++j) wv[j] = load_partial(w + j * K + k_vec, K - k_vec);
+    for (int i = 0; i < XR; ++i) {
+      const Vec xv = load_partial(x + i * K + k_vec, K - k_vec);
+      for (int j = 0; j < WR; ++j) acc[i][j] += xv * wv[j];
     }
+  }
+  for (int i = 0; i < XR; ++i)
+    for (int j = 0; j < WR; ++j) y[i * N + j] = sum(acc[i][j]);
 }
 
 // The x rows of one tile of w rows, four at a time (16 accumulators), the tile staying in L1.
-template <int WR>
-inline void dot_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N) {
+template <int WR, typename W>
+inline void dot_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N) {
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) dot_tile<4, WR>(x + m * K, w, y + m * N, K, N);
   switch (M - m) {
@@ -148,20 +182,36 @@ inline void dot_rows(const float* x, const float* w, float* y, int64_t M, int64_
   }
 }
 
-// y[M, N] = x[M, K] @ w[N, K]^T. Each thread owns a range of w's rows: every row is one contiguous
-// stream, read once. One x row takes tiles of eight w rows (more streams in flight); several take
-// tiles of four.
-void matmul_rows_transposed(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+// x . w for one row each: one sequential stream through w (four accumulators), which reads bfloat16
+// weights 1.7x faster than the eight interleaved row streams of a tile; float32 ones as fast.
+template <typename W>
+inline float dot_one(const float* x, const W* w, int64_t K) {
+  Vec acc[4] = {};
+  int64_t k = 0;
+  for (; k + 4 * kLanes <= K; k += 4 * kLanes)
+    for (int i = 0; i < 4; ++i) acc[i] += load(x + k + i * kLanes) * load(w + k + i * kLanes);
+  for (; k < K; k += kLanes) {
+    const int64_t width = std::min<int64_t>(kLanes, K - k);
+    acc[0] += load_partial(x + k, width) * load_partial(w + k, width);
+  }
+  return sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
+
+// y[M, N] = x[M, K] @ w[N, K]^T. Each thread owns a range of w's rows, each row a contiguous stream
+// read once: one at a time for one x row, in tiles of four for several.
+template <typename W>
+void matmul_rows_transposed(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N,
                             int threads) {
-  const int tile = M == 1 ? 8 : 4;
+  const int tile = 4;
 #pragma omp parallel num_threads(threads)
   {
     int64_t n0, n1;
     share(N, omp_get_thread_num(), omp_get_num_threads(), tile, &n0, &n1);
     int64_t n = n0;
+    if (M == 1)
+      for (; n < n1; ++n) y[n] = dot_one(x, w + n * K, K);
     for (; n + tile <= n1; n += tile) {
-      if (tile == 8) dot_rows<8>(x, w + n * K, y + n, M, K, N);
-      else dot_rows<4>(x, w + n * K, y + n, M, K, N);
+      dot_rows<4>(x, w + n * K, y + n, M, K, N);
     }
     for (; n < n1; ++n) dot_rows<1>(x, w + n * K, y + n, M, K, N);
   }
@@ -170,8 +220,9 @@ void matmul_rows_transposed(const float* x, const float* w, float* y, int64_t M,
 std::vector<paddle::Tensor> CpuMatmul(const paddle::Tensor& x_in, const paddle::Tensor& w_in, bool transpose_w,
                                       int threads) {
   PD_CHECK(x_in.is_cpu() && w_in.is_cpu(), "ernie_cpu_matmul: tensors must be on the CPU");
-  PD_CHECK(x_in.dtype() == paddle::DataType::FLOAT32 && w_in.dtype() == paddle::DataType::FLOAT32,
-           "ernie_cpu_matmul: float32 only");
+  const bool bf16 = w_in.dtype() == paddle::DataType::BFLOAT16;
+  PD_CHECK(x_in.dtype() == paddle::DataType::FLOAT32 && (bf16 || w_in.dtype() == paddle::DataType::FLOAT32),
+           "ernie_cpu_matmul: x must be float32 and w float32 or bfloat16");
   PD_CHECK(w_in.shape().size() == 2, "ernie_cpu_matmul: w must be 2-D");
   const paddle::Tensor x = x_in.is_contiguous() ? x_in : x_in.contiguous();
   const paddle::Tensor w = w_in.is_contiguous() ? w_in : w_in.contiguous();
@@ -188,8 +239,12 @@ std::vector<paddle::Tensor> CpuMatmul(const paddle::Tensor& x_in, const paddle::
     return {y};
   }
   threads = std::max(1, threads);
-  if (transpose_w) matmul_rows_transposed(x.data<float>(), w.data<float>(), y.data<float>(), M, K, N, threads);
-  else matmul_rows(x.data<float>(), w.data<float>(), y.data<float>(), M, K, N, threads);
+  const auto run = [&](auto* w_data) {
+    if (transpose_w) matmul_rows_transposed(x.data<float>(), w_data, y.data<float>(), M, K, N, threads);
+    else matmul_rows(x.data<float>(), w_data, y.data<float>(), M, K, N, threads);
+  };
+  if (bf16) run(static_cast<const uint16_t*>(w.data()));
+  else run(w.data<float>());
   return {y};
 }
 
@@ -202,6 +257,24 @@ std::vector<std::vector<int64_t>> CpuMatmulShape(const std::vector<int64_t>& x, 
 
 std::vector<paddle::DataType> CpuMatmulDtype(const paddle::DataType& x, const paddle::DataType& w) { return {x}; }
 
+std::vector<paddle::Tensor> Bf16ToF32(const paddle::Tensor& w_in, int threads) {
+  PD_CHECK(w_in.is_cpu() && w_in.dtype() == paddle::DataType::BFLOAT16,
+           "ernie_bf16_to_f32: a bfloat16 CPU tensor expected");
+  const paddle::Tensor w = w_in.is_contiguous() ? w_in : w_in.contiguous();
+  paddle::Tensor out = paddle::empty(w.shape(), paddle::DataType::FLOAT32, w.place());
+  const uint16_t* from = static_cast<const uint16_t*>(w.data());
+  float* to = out.data<float>();
+  const int64_t n = w.numel(), whole = n / kLanes * kLanes;
+#pragma omp parallel for num_threads(std::max(1, threads)) schedule(static)
+  for (int64_t i = 0; i < whole; i += kLanes) store(to + i, load(from + i));
+  for (int64_t i = whole; i < n; ++i) to[i] = to_float(from[i]);
+  return {out};
+}
+
+std::vector<std::vector<int64_t>> Bf16ToF32Shape(const std::vector<int64_t>& w, int threads) { return {w}; }
+
+std::vector<paddle::DataType> Bf16ToF32Dtype(const paddle::DataType& w) { return {paddle::DataType::FLOAT32}; }
+
 
 }  // namespace
 
@@ -213,3 +286,11 @@ PD_BUILD_OP(ernie_cpu_matmul)
     .SetInferShapeFn(PD_INFER_SHAPE(CpuMatmulShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(CpuMatmulDtype));
 
+
+PD_BUILD_OP(ernie_bf16_to_f32)
+    .Inputs({"W"})
+    .Outputs({"Out"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(Bf16ToF32))
+    .SetInferShapeFn(PD_INFER_SHAPE(Bf16ToF32Shape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(Bf16ToF32Dtype));
