@@ -40,6 +40,32 @@ def test_kernel_matches_numpy(rows, k, n, threads, transpose_w):
 
 
 @needs_ops
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,k,n", SHAPES)
+def test_bf16_weights_give_the_float32_results_bit_for_bit(rows, k, n, threads, transpose_w):
+    """bfloat16 weights widened as they are read: the same float32 sums as their float32 copies."""
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    x = paddle.to_tensor(rng.standard_normal((rows, k)).astype(np.float32))
+    w = paddle.to_tensor(rng.standard_normal((n, k) if transpose_w else (k, n)).astype(np.float32))
+    held = w.astype("bfloat16")
+    widened = cpu_ops.widen(held)
+    assert widened.dtype == paddle.float32 and np.array_equal(widened.numpy(), held.astype("float32").numpy())
+    got = cpu_ops.matmul(x, held, transpose_w, threads).numpy()
+    assert np.array_equal(got, cpu_ops.matmul(x, widened, transpose_w, threads).numpy())
+    w64 = widened.numpy().astype(np.float64)
+    expected = x.numpy().astype(np.float64) @ (w64.T if transpose_w else w64)
+    assert np.abs(got - expected).max(initial=0) <= 1e-6 * k * np.abs(x.numpy()).max(initial=0) * 5
+
+
+@needs_ops
+def test_widen_takes_odd_sizes_and_views():
+    w = paddle.randn([7, 19]).astype("bfloat16")
+    for tensor in (w, w[:, 3:11]):
+        assert np.array_equal(cpu_ops.widen(tensor).numpy(), tensor.astype("float32").numpy())
+
+
+@needs_ops
 def test_kernel_keeps_leading_axes_and_takes_views():
     rng = np.random.default_rng(0)
     x = paddle.to_tensor(rng.standard_normal((2, 3, 40)).astype(np.float32))
