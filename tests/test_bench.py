@@ -49,6 +49,29 @@ def test_table_and_json(model_dir, tmp_path):
         assert 0 < row["ttft_s"] <= row["latency_s"] and row["tpot_s"] > 0
 
 
+@pytest.mark.skipif(not cpu_ops.available(), reason="bfloat16 weights under float32 need the CPU kernels")
+def test_bf16_weights_report_the_bytes_they_read(tmp_path):
+    """A bf16 checkpoint is held in bf16: half the weight bytes of its float32 copies; Paddle has no
+    bare matmul over them (the kernel's ceiling is printed), and the report says which it measured."""
+    save_tiny_pt(tmp_path / "bf16", dtype="bfloat16")
+    reports = {}
+    for weights in ("auto", "float32"):
+        report = tmp_path / f"{weights}.json"
+        run = subprocess.run([sys.executable, "-m", "ernie_paddle", "bench", "--model", str(tmp_path / "bf16"),
+                              "--device", "cpu", "--input-lens", "3", "--output-lens", "2", "--warmup", "0",
+                              "--weight-dtype", weights, "--json", str(report)], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr
+        reports[weights] = json.loads(report.read_text()), run.stdout
+    (held, held_out), (copies, copies_out) = reports["auto"], reports["float32"]
+    assert held["weight_dtype"] == "bfloat16" and copies["weight_dtype"] == "float32"
+    assert held["weight_bytes"] < 0.52 * copies["weight_bytes"]  # the norms stay float32
+    assert held["matmul_ceiling_tps"] is None and copies["matmul_ceiling_tps"] > 0
+    assert held["kernel_ceiling_tps"] > 0
+    assert "Paddle's bare matmuls: none over bfloat16 weights in float32" in held_out
+    assert "Paddle's bare matmuls over these weights:" in copies_out
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--input-lens", "7,x", "--input-lens '7,x': expected positive integers"),
     ("--output-lens", "0", "--output-lens '0': expected positive integers"),
