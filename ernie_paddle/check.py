@@ -403,6 +403,8 @@ def run_check(args) -> int:
     if tokenizer is None:
         raise ErnieError(f"{model_dir}: no tokenizer.model, which the checker needs to encode its prompts")
     weights, reference_weights = stored_dtype(model_dir), stored_dtype(reference_dir)
+    if candidate.model.weight_dtype not in (candidate.dtype, weights):  # rounded at load: --weight-dtype bfloat16
+        weights = candidate.model.weight_dtype
     precision = candidate_precision(candidate.dtype, weights, reference_weights)
     thresholds = thresholds_from_args(args, precision)
     eos_ids = candidate.config.eos_token_ids

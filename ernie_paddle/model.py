@@ -251,7 +251,9 @@ class ErnieForCausalLM(nn.Layer):
         keys attended: the T new tokens when `start` is 0 or there is no cache, else the whole cache
         (the positions not written yet masked).
         Returns float32 logits [B, T, V], or [B, V] for the last position when `last_only`."""
-        x = F.embedding(input_ids, self.ernie.embed_tokens).astype(self.dtype_name)
+        x = F.embedding(input_ids, self.ernie.embed_tokens)
+        if self.weight_dtype != self.dtype_name:
+            x = x.astype(self.dtype_name)
         rotate = self.rope.at(positions)
         if not attention_on_cpu(x, cache):
             mask = self.ernie.layers[0].self_attn.expand_mask(mask)
