@@ -29,7 +29,7 @@ using namespace ernie;
 // that it streams kStep rows at a time, adding x[m, k] * w[k, :] into its own partial y; the
 // partial sums of the threads are added at the end. The partial y is laid out in blocks of (up to)
 // 8 rows x 16 columns, and each step's x values are transposed into a small table, so the inner loop
-// addresses both at constant offsets from one pointer and keeps the w vectors in registers.
+// addresses both at constant offsets from one pointer and keeps the partial sums in registers.
 constexpr int kStep = 8;  // rows of w per step; 8 beat 2, 4 and 16 in decoding on a 2-core EPYC
 constexpr int kBlock = 8;  // rows of x per block (8 independent accumulator chains)
 constexpr int kBlockFloats = kBlock * kLanes;
@@ -41,20 +41,31 @@ inline Vec load_partial(const W* p, int64_t count) {  // the tail vector of a ro
   return load(v);
 }
 
-// acc[0:XR] += xt[j][0:XR] * wv[j] over the kStep rows j of one step.
-template <int XR>
-inline void add_block(const float* xt, const Vec* wv, float* acc_block) {
+// acc[0:XR] += xt[j][0:XR] * w[j, 0:width] over the `rows` rows j of one step: the accumulators stay
+// in registers and one w vector at a time is live (parking the kStep vectors in a table first ran at
+// half the speed).
+template <int XR, typename W>
+inline void add_block(const float* xt, const W* w, int64_t N, int rows, int64_t width, float* acc_block) {
   Vec acc[XR];
   for (int i = 0; i < XR; ++i) acc[i] = load(acc_block + i * kLanes);
-  for (int j = 0; j < kStep; ++j)
-    for (int i = 0; i < XR; ++i) acc[i] += xt[j * kBlock + i] * wv[j];
+  if (rows == kStep && width == kLanes) {
+    for (int j = 0; j < kStep; ++j) {
+      const Vec wj = load(w + j * N);
+      for (int i = 0; i < XR; ++i) acc[i] += xt[j * kBlock + i] * wj;
+    }
+  } else {
+    for (int j = 0; j < rows; ++j) {
+      const Vec wj = load_partial(w + j * N, width);
+      for (int i = 0; i < XR; ++i) acc[i] += xt[j * kBlock + i] * wj;
+    }
+  }
   for (int i = 0; i < XR; ++i) store(acc_block + i * kLanes, acc[i]);
 }
 
-template <int... XR>
-inline void add_block_of(int rows, const float* xt, const Vec* wv, float* acc_block,
-                         std::integer_sequence<int, XR...>) {
-  ((rows == XR + 1 ? add_block<XR + 1>(xt, wv, acc_block) : void()), ...);
+template <typename W, int... XR>
+inline void add_block_of(int block_rows, const float* xt, const W* w, int64_t N, int rows, int64_t width,
+                         float* acc_block, std::integer_sequence<int, XR...>) {
+  ((block_rows == XR + 1 ? add_block<XR + 1>(xt, w, N, rows, width, acc_block) : void()), ...);
 }
 
 // Where row m, columns 16v..16v+15 of a partial y start: blocks of 8 rows (the last one shorter), each
@@ -78,23 +89,20 @@ void add_rows(const float* x, const W* w, float* acc, int64_t M, int64_t K, int6
     const W* wk = w + k * N;
     for (int64_t v = 0; v < vectors; ++v) {
       const int64_t n = v * kLanes, width = std::min<int64_t>(kLanes, N - n);
-      Vec wv[kStep] = {};
-      for (int j = 0; j < rows; ++j)
-        wv[j] = width == kLanes ? load(wk + j * N + n) : load_partial(wk + j * N + n, width);
       for (int64_t b = 0; b < blocks; ++b) {
         const int block_rows = static_cast<int>(std::min<int64_t>(kBlock, M - b * kBlock));
+        const float* xt_block = xt.data() + b * kStep * kBlock;
         float* acc_block = acc + acc_offset(b * kBlock, v, M, vectors);
-        if (block_rows == kBlock) add_block<kBlock>(xt.data() + b * kStep * kBlock, wv, acc_block);
-        else add_block_of(block_rows, xt.data() + b * kStep * kBlock, wv, acc_block,
+        if (block_rows == kBlock) add_block<kBlock>(xt_block, wk + n, N, rows, width, acc_block);
+        else add_block_of(block_rows, xt_block, wk + n, N, rows, width, acc_block,
                           std::make_integer_sequence<int, kBlock - 1>());
       }
     }
   }
 }
 
-// add_rows for one row of x (decoding one sequence), with no transposed x table and the converted
-// w vectors going straight into the multiply-adds: the same sums in the same order as add_rows, but
-// reading bfloat16 weights at 1.6x the speed (add_rows parks them in a table on the stack first).
+// add_rows for one row of x (decoding one sequence), with no transposed x table: the same sums in the
+// same order as add_rows.
 template <typename W>
 void add_rows_of_one(const float* x, const W* w, float* acc, int64_t N, int64_t k0, int64_t k1) {
   const int64_t vectors = (N + kLanes - 1) / kLanes;
@@ -144,17 +152,38 @@ void matmul_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int
   }
 }
 
+// Lane i of the result is the sum of the lanes of v[i], for 16 vectors: each level adds the two halves
+// of the lane groups of a pair of vectors, 15 additions in all instead of 16 x 15.
+inline Vec sum_each(const Vec* v) {
+  Vec halves[8], quarters[4], eighths[2];
+  for (int p = 0; p < 8; ++p)
+    halves[p] = __builtin_shufflevector(v[2 * p], v[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(v[2 * p], v[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int p = 0; p < 4; ++p)
+    quarters[p] = __builtin_shufflevector(halves[2 * p], halves[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                  __builtin_shufflevector(halves[2 * p], halves[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int p = 0; p < 2; ++p)
+    eighths[p] = __builtin_shufflevector(quarters[2 * p], quarters[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+                 __builtin_shufflevector(quarters[2 * p], quarters[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(eighths[0], eighths[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(eighths[0], eighths[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
 // A tile of y = x @ w^T: `XR` rows of x against `WR` rows of w, as XR * WR dot products over K,
-// each accumulated in one vector register.
+// each accumulated in one vector register. While it runs, the next WR rows of w are prefetched: the
+// tile's few short row streams leave the hardware prefetcher behind (lm_head at 8 rows: 1.5x faster).
 template <int XR, int WR, typename W>
 inline void dot_tile(const float* x, const W* w, float* y, int64_t K, int64_t N) {
   Vec acc[XR][WR] = {};
   const int64_t k_vec = K / kLanes * kLanes;
   for (int64_t k = 0; k < k_vec; k += kLanes) {
     Vec wv[WR];
-    for (int j = 0; j < WR; ++j) wv[j] = load(w + j * K + k);
+    for (int j = 0; j < WR; ++j) {
+      __builtin_prefetch(w + (WR + j) * K + k);  // a hint: past the end of w it does nothing
+      wv[j] = in_register(load(w + j * K + k));
+    }
     for (int i = 0; i < XR; ++i) {
-      const Vec xv = load(x + i * K + k);
+      const Vec xv = in_register(load(x + i * K + k));
       for (int j = 0; j < WR; ++j) acc[i][j] += xv * wv[j];
     }
   }
@@ -166,8 +195,14 @@ inline void dot_tile(const float* x, const W* w, float* y, int64_t K, int64_t N)
       for (int j = 0; j < WR; ++j) acc[i][j] += xv * wv[j];
     }
   }
-  for (int i = 0; i < XR; ++i)
-    for (int j = 0; j < WR; ++j) y[i * N + j] = sum(acc[i][j]);
+  if constexpr (XR * WR == kLanes) {
+    const Vec sums = sum_each(&acc[0][0]);
+    for (int i = 0; i < XR; ++i)
+      for (int j = 0; j < WR; ++j) y[i * N + j] = sums[i * WR + j];
+  } else {
+    for (int i = 0; i < XR; ++i)
+      for (int j = 0; j < WR; ++j) y[i * N + j] = sum(acc[i][j]);
+  }
 }
 
 // The x rows of one tile of w rows, four at a time (16 accumulators), the tile staying in L1.

@@ -35,6 +35,14 @@ inline float to_float(uint16_t v) {
   __builtin_memcpy(&f, &bits, sizeof(f));
   return f;
 }
+// The value in a register of its own: stops GCC from folding a load into every multiply-add that uses
+// it (16 loads for a 4 x 4 tile instead of 8, at half the speed).
+inline Vec in_register(Vec v) {
+#if defined(__x86_64__)
+  asm("" : "+v"(v));
+#endif
+  return v;
+}
 inline void store(float* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
 inline float sum(Vec v) {
   float s = 0.f;
