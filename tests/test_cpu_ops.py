@@ -4,8 +4,11 @@ on awkward shapes, the attention against the plain Paddle path; the fallback whe
 from __future__ import annotations
 
 import os
+import platform
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import numpy as np
 import pytest
@@ -57,6 +60,33 @@ def test_bf16_weights_give_the_float32_results_bit_for_bit(rows, k, n, threads, 
     expected = x.numpy().astype(np.float64) @ (w64.T if transpose_w else w64)
     scale = np.abs(x.numpy()).max(initial=0) * np.abs(w64).max(initial=0)
     assert np.abs(got - expected).max(initial=0) <= 1e-6 * k * scale
+
+
+@needs_ops
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_a_row_gets_the_same_bits_in_any_batch_of_two_or_more(transpose_w):
+    """Rows in 4-row tiles and in the 1-3-row remainder add their dot products in the same order."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((9, 100)).astype(np.float32)
+    w = paddle.to_tensor(rng.standard_normal((37, 100) if transpose_w else (100, 37)).astype(np.float32))
+    alone = {m: cpu_ops.matmul(paddle.to_tensor(x[:m]), w, transpose_w).numpy() for m in range(2, 10)}
+    for m in range(2, 9):
+        assert np.array_equal(alone[m], alone[9][:m]), m
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("g++"),
+                    reason="an x86-64 g++ is needed")
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v4"])
+@pytest.mark.parametrize("source", [p.name for p in cpu_ops.SOURCES])
+def test_kernels_compile_for_cpus_without_avx512(source, march, tmp_path):
+    """-march=native builds for this machine only: the other x86 vector widths must compile too
+    (without AVX-512 a Vec is two or four registers), or such machines fall back to Paddle's ops."""
+    from paddle.utils.cpp_extension.extension_utils import find_paddle_includes
+    includes = [*find_paddle_includes(), sysconfig.get_paths()["include"]]
+    flags = [f for f in cpu_ops.FLAGS if not f.startswith("-march")] + [f"-march={march}", "-O0", "-std=c++17"]
+    result = subprocess.run(["g++", "-S", *flags, *(f"-I{i}" for i in includes), str(cpu_ops.CSRC / source),
+                             "-o", str(tmp_path / "out.s")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @needs_ops

@@ -38,16 +38,20 @@ inline float to_float(uint16_t v) {
 // The value in a register of its own: stops GCC from folding a load into every multiply-add that uses
 // it (16 loads for a 4 x 4 tile instead of 8, at half the speed).
 inline Vec in_register(Vec v) {
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__AVX512F__)  // one register only with AVX-512 (else: no such constraint)
   asm("" : "+v"(v));
 #endif
   return v;
 }
 inline void store(float* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
+// The sum of the lanes, adding halves: lanes i and i + 8, then i and i + 4, ... The same order as
+// sum_each in cpu_matmul.cc, so a dot product has the same bits whichever of the two adds it up.
 inline float sum(Vec v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
+  float part[kLanes];
+  for (int i = 0; i < kLanes; ++i) part[i] = v[i];
+  for (int half = kLanes / 2; half > 0; half /= 2)
+    for (int i = 0; i < half; ++i) part[i] += part[i + half];
+  return part[0];
 }
 
 // The part [begin, end) of n items that thread t of `threads` takes, in multiples of `align`.
