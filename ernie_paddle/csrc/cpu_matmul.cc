@@ -154,8 +154,13 @@ void matmul_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int
 // Lane i of the result is sum(v[i]), for 16 vectors, added in the same order as sum(): each level adds
 // the two halves of the lane groups of a pair of vectors, 15 vector additions (and 30 shuffles) in all
 // instead of 16 x 15 scalar ones. __builtin_shufflevector needs GCC 12 or clang; else lane by lane.
+#if defined(__has_builtin)  // nested: an older preprocessor cannot even parse the test
+#if __has_builtin(__builtin_shufflevector)
+#define ERNIE_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
 inline Vec sum_each(const Vec* v) {
-#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+#if defined(ERNIE_HAS_SHUFFLEVECTOR)
   Vec halves[8], quarters[4], eighths[2];
   for (int p = 0; p < 8; ++p)
     halves[p] = __builtin_shufflevector(v[2 * p], v[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
