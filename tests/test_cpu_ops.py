@@ -1,5 +1,6 @@
-"""The CPU operators (ernie_paddle/csrc/): built for real; the matmul checked against numpy in float64
-on awkward shapes, the attention against the plain Paddle path; the fallback when they cannot be built."""
+"""The CPU operators (ernie_paddle/csrc/): built for real; the matmul and swiglu checked against numpy in
+float64 on awkward shapes, the attention against the plain Paddle path; the fallback when they cannot be
+built."""
 
 from __future__ import annotations
 
@@ -87,6 +88,35 @@ def test_kernels_compile_for_cpus_without_avx512(source, march, tmp_path):
     result = subprocess.run(["g++", "-S", *flags, *(f"-I{i}" for i in includes), str(cpu_ops.CSRC / source),
                              "-o", str(tmp_path / "out.s")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# one decoding row and a batch of 8 of the real model; a tail of 1 to 15 after whole vectors; no rows;
+# vectors only; enough outputs for two threads, with and without whole vectors
+@needs_ops
+@pytest.mark.parametrize("shape", [(1, 1, 6144), (8, 1, 6144), (3, 5, 34), (2, 0, 8), (4, 32), (40000, 2),
+                                   (7, 6002)])
+def test_swiglu_matches_float64(shape):
+    rng = np.random.default_rng(sum(shape))
+    x = (rng.standard_normal(shape) * 8).astype(np.float32)
+    x.reshape(-1)[:12] = [-1e30, 1e30, -100, 100, -88.5, 88.5, -87, 87, 0, -0.0, 1e-30, -1e-30][:x.size]
+    got = cpu_ops.swiglu(paddle.to_tensor(x)).numpy()
+    half = shape[-1] // 2
+    gate, up = x[..., :half].astype(np.float64), x[..., half:].astype(np.float64)
+    with np.errstate(over="ignore"):
+        expected = gate / (1 + np.exp(-gate)) * up
+    assert got.shape == expected.shape and got.dtype == np.float32
+    # e^x within 1.1 ulp, then three roundings: a few float32 ulps of the result
+    np.testing.assert_allclose(got, expected, rtol=5e-7, atol=1e-30)
+
+
+@needs_ops
+def test_the_mlp_uses_the_swiglu_kernel_on_cpu(monkeypatch):
+    from ernie_paddle.model import swiglu
+    calls = []
+    monkeypatch.setattr(cpu_ops, "swiglu", lambda h: calls.append(h.shape) or h[..., :2])
+    swiglu(paddle.ones([1, 4]))
+    assert calls == [[1, 4]]
+    assert swiglu(paddle.ones([1, 4], "float64")).dtype == paddle.float64 and len(calls) == 1  # not float32
 
 
 @needs_ops

@@ -22,22 +22,36 @@ void rope(const float* x, const float* cos, const float* sin, float* out, int64_
   }
 }
 
-// softmax(p[0..last]) in place. A row with every key at -inf (no key to attend to) becomes zeros,
-// not NaN.
+// softmax(p[0..last]) in place, 16 lanes at a time (p has room for a whole last vector). A row with
+// every key at -inf (no key to attend to) becomes zeros, not NaN.
 void softmax(float* p, int64_t last) {
-  float top = -INFINITY, total = 0.f;
-  for (int64_t j = 0; j <= last; ++j) top = std::max(top, p[j]);
+  const int64_t n = last + 1, whole = n / kLanes * kLanes;
+  Vec top_lanes = Vec{} - INFINITY;
+  for (int64_t j = 0; j < whole; j += kLanes) {
+    const Vec v = load(p + j);
+    top_lanes = v > top_lanes ? v : top_lanes;
+  }
+  float top = -INFINITY;
+  for (int i = 0; i < kLanes; ++i) top = std::max(top, top_lanes[i]);
+  for (int64_t j = whole; j < n; ++j) top = std::max(top, p[j]);
   if (top == -INFINITY) {
-    std::fill(p, p + last + 1, 0.f);
+    std::fill(p, p + n, 0.f);
     return;
   }
-  for (int64_t j = 0; j <= last; ++j) total += (p[j] = std::exp(p[j] - top));
-  for (int64_t j = 0; j <= last; ++j) p[j] /= total;
+  std::fill(p + n, p + whole + kLanes, -INFINITY);  // the last vector's padding: exp gives 0
+  Vec total_lanes = {};
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const Vec e = exp(load(p + j) - top);
+    store(p + j, e);
+    total_lanes += e;
+  }
+  const float total = sum(total_lanes);
+  for (int64_t j = 0; j < n; j += kLanes) store(p + j, load(p + j) / total);
 }
 
 // One query (already rotated and scaled) against keys 0..last: scores into p, output row into out.
-// With the head size DV * 16 known at compile time, the query, four dot products at a time and the
-// output row stay in registers.
+// With the head size DV * 16 known at compile time, the query and the output row stay in registers;
+// the scores of 16 keys at a time are 16 dot products summed together (sum_each).
 template <int DV>
 void attend(const float* q, const float* k_rows, const float* v_rows, const float* mask, int64_t last, float* p,
             float* out) {
@@ -45,11 +59,11 @@ void attend(const float* q, const float* k_rows, const float* v_rows, const floa
   Vec qv[DV];
   for (int d = 0; d < DV; ++d) qv[d] = load(q + d * kLanes);
   int64_t j = 0;
-  for (; j + 4 <= last + 1; j += 4) {
-    Vec a[4] = {};
+  for (; j + kLanes <= last + 1; j += kLanes) {
+    Vec a[kLanes] = {};
     for (int d = 0; d < DV; ++d)
-      for (int r = 0; r < 4; ++r) a[r] += qv[d] * load(k_rows + (j + r) * D + d * kLanes);
-    for (int r = 0; r < 4; ++r) p[j + r] = sum(a[r]) + mask[j + r];
+      for (int r = 0; r < kLanes; ++r) a[r] += qv[d] * load(k_rows + (j + r) * D + d * kLanes);
+    store(p + j, sum_each(a) + load(mask + j));
   }
   for (; j <= last; ++j) {
     Vec a = {};
@@ -123,7 +137,7 @@ std::vector<paddle::Tensor> CpuAttention(const paddle::Tensor& qkv_in, const pad
       rope(token + (H + g) * D, c + (b * T + t) * D, s + (b * T + t) * D, k_cache + at, D);
       std::memcpy(v_cache + at, token + (H + KV + g) * D, D * sizeof(float));
     }
-    std::vector<float> q(D), p(start + T);
+    std::vector<float> q(D), p(start + T + kLanes);  // p: room for softmax's last whole vector
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < B * H; ++task) {  // the rows of one query head
       const int64_t b = task / H, h = task % H, g = h / G;

@@ -151,35 +151,6 @@ void matmul_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int
   }
 }
 
-// Lane i of the result is sum(v[i]), for 16 vectors, added in the same order as sum(): each level adds
-// the two halves of the lane groups of a pair of vectors, 15 vector additions (and 30 shuffles) in all
-// instead of 16 x 15 scalar ones. __builtin_shufflevector needs GCC 12 or clang; else lane by lane.
-#if defined(__has_builtin)  // nested: an older preprocessor cannot even parse the test
-#if __has_builtin(__builtin_shufflevector)
-#define ERNIE_HAS_SHUFFLEVECTOR 1
-#endif
-#endif
-inline Vec sum_each(const Vec* v) {
-#if defined(ERNIE_HAS_SHUFFLEVECTOR)
-  Vec halves[8], quarters[4], eighths[2];
-  for (int p = 0; p < 8; ++p)
-    halves[p] = __builtin_shufflevector(v[2 * p], v[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                __builtin_shufflevector(v[2 * p], v[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  for (int p = 0; p < 4; ++p)
-    quarters[p] = __builtin_shufflevector(halves[2 * p], halves[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-                  __builtin_shufflevector(halves[2 * p], halves[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  for (int p = 0; p < 2; ++p)
-    eighths[p] = __builtin_shufflevector(quarters[2 * p], quarters[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-                 __builtin_shufflevector(quarters[2 * p], quarters[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  return __builtin_shufflevector(eighths[0], eighths[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(eighths[0], eighths[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-#else
-  Vec sums;
-  for (int i = 0; i < kLanes; ++i) sums[i] = sum(v[i]);
-  return sums;
-#endif
-}
-
 // A tile of y = x @ w^T: `XR` rows of x against `WR` rows of w, as XR * WR dot products over K,
 // each accumulated in one vector register. While it runs, the next WR rows of w are prefetched when
 // there are any (`prefetch`): the tile's few short row streams leave the hardware prefetcher behind
