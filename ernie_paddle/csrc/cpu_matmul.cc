@@ -101,11 +101,22 @@ void add_rows(const float* x, const W* w, float* acc, int64_t M, int64_t K, int6
 }
 
 // add_rows for one row of x (decoding one sequence), with no transposed x table: the same sums in the
-// same order as add_rows.
+// same order as add_rows. Where a row of w is shorter than 4 KB (bf16 o_proj and down_proj: 2 KB), the
+// kStep row streams of a step are too short for the hardware prefetcher: those matrices are read one
+// row at a time, a single sequential stream (1.3-1.5x faster there; slower for wide rows, whose partial
+// sums no longer fit in L1 beside the stream).
 template <typename W>
 void add_rows_of_one(const float* x, const W* w, float* acc, int64_t N, int64_t k0, int64_t k1) {
-  const int64_t vectors = (N + kLanes - 1) / kLanes;
+  const int64_t vectors = (N + kLanes - 1) / kLanes, whole = N / kLanes * kLanes;
   std::fill(acc, acc + vectors * kLanes, 0.f);
+  if (N * static_cast<int64_t>(sizeof(W)) < 4096) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const W* wk = w + k * N;
+      for (int64_t n = 0; n < whole; n += kLanes) store(acc + n, load(acc + n) + x[k] * load(wk + n));
+      if (whole < N) store(acc + whole, load(acc + whole) + x[k] * load_partial(wk + whole, N - whole));
+    }
+    return;
+  }
   for (int64_t k = k0; k < k1; k += kStep) {
     const int rows = static_cast<int>(std::min<int64_t>(kStep, k1 - k));
     const W* wk = w + k * N;
