@@ -1,4 +1,4 @@
-"""The CPU operators of csrc/ (the decoding matmul, attention and swiglu) as Paddle custom operators: built
+"""The CPU operators of csrc/ (the decoding matmul, attention, swiglu and RMSNorm) as Paddle custom operators: built
 once per machine with Paddle's own extension builder, cached, and loaded in milliseconds afterwards.
 
 Decoding multiplies a few rows by every weight matrix, so its speed is the speed of reading the
@@ -26,7 +26,7 @@ from .device import cpu_threads, import_paddle
 
 LIBRARY = "ernie_cpu_ops"
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "cpu_matmul.cc", CSRC / "cpu_attention.cc", CSRC / "cpu_swiglu.cc"]
+SOURCES = [CSRC / "cpu_matmul.cc", CSRC / "cpu_attention.cc", CSRC / "cpu_swiglu.cc", CSRC / "cpu_rms_norm.cc"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-w"]
 MAX_ROWS = 32  # above this (prefill), MKL's blocked GEMM is compute-bound and faster
 
@@ -68,6 +68,11 @@ def widen(w):
 def swiglu(x):
     """silu(x[..., :I]) * x[..., I:] for float32 x [..., 2I] on CPU; after `available()`."""
     return _run_custom_op("ernie_swiglu", x, cpu_threads())[0]
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm of float32 x [..., H] with weight [H] on CPU, as model.RMSNorm computes it; after `available()`."""
+    return _run_custom_op("ernie_rms_norm", x, weight, eps, cpu_threads())[0]
 
 
 def attention(qkv, cos, sin, keys, values, mask, start: int, heads: int, scale: float):

@@ -138,20 +138,14 @@ def peak_memory(device: str) -> int | None:
 
 
 def fused_op(name: str, dtype: str):
-    """A fused kernel for `name` ("rms_norm" or "attention") on the current place, wrapped to the
-    plain path's signature, or None to take the plain path. On NPU the fused op is used only when,
-    run on a small input, it matches the plain computation (the choice is logged). On CPU float32,
-    Paddle's fused RMSNorm: one kernel instead of six, and in decoding a norm costs its dispatches."""
+    """A fused NPU kernel for `name` ("rms_norm" or "attention") on the current place, wrapped to the
+    plain path's signature, or None to take the plain path. It is used only when, run on a small input,
+    it matches the plain computation (the choice is logged). The CPU's are in cpu_ops.py: Paddle's own
+    fused_rms_norm runs AVX-512 code on every CPU (SIGILL on the others)."""
     place = import_paddle().device.get_device()
     if _kind(place) == "npu":
         return _probe(NPU_OPS[name], place, dtype)
-    if name == "rms_norm" and place == "cpu" and dtype == "float32":
-        return rms_norm_cpu
     return None
-
-
-def rms_norm_cpu(x, weight, eps: float):
-    return import_paddle().incubate.nn.functional.fused_rms_norm(x, weight, None, eps, x.ndim - 1)[0]
 
 
 def rms_norm_npu(x, weight, eps: float):

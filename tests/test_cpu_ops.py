@@ -1,4 +1,4 @@
-"""The CPU operators (ernie_paddle/csrc/): built for real; the matmul and swiglu checked against numpy in
+"""The CPU operators (ernie_paddle/csrc/): built for real; the matmul, swiglu and RMSNorm checked against numpy in
 float64 on awkward shapes, the attention against the plain Paddle path; the fallback when they cannot be
 built."""
 
@@ -95,7 +95,7 @@ def test_kernels_compile_for_cpus_without_avx512(source, march, tmp_path):
 # vectors only; enough outputs for two threads, with and without whole vectors
 @needs_ops
 @pytest.mark.parametrize("shape", [(1, 1, 6144), (8, 1, 6144), (3, 5, 34), (2, 0, 8), (4, 32), (40000, 2),
-                                   (7, 6002)])
+                                   (7, 10002)])
 def test_swiglu_matches_float64(shape):
     rng = np.random.default_rng(sum(shape))
     x = (rng.standard_normal(shape) * 8).astype(np.float32)
@@ -118,6 +118,36 @@ def test_the_mlp_uses_the_swiglu_kernel_on_cpu(monkeypatch):
     swiglu(paddle.ones([1, 4]))
     assert calls == [[1, 4]]
     assert swiglu(paddle.ones([1, 4], "float64")).dtype == paddle.float64 and len(calls) == 1  # not float32
+
+
+# one decoding row and a batch of 8 of the real model; a tail after whole vectors; shorter than a vector;
+# no rows; a prefill long enough for two threads; a strided view
+@needs_ops
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (8, 1024), (3, 5, 37), (4, 5), (2, 0, 8), (600, 1024), "view"])
+def test_rms_norm_matches_float64(shape):
+    rng = np.random.default_rng(len(str(shape)))
+    x = (rng.standard_normal((6, 40) if shape == "view" else shape) * 3).astype(np.float32)
+    tensor = paddle.to_tensor(x)
+    if shape == "view":
+        tensor, x = tensor[:, 4:33], x[:, 4:33]
+    w = rng.standard_normal(x.shape[-1]).astype(np.float32)
+    got = cpu_ops.rms_norm(tensor, paddle.to_tensor(w), 1e-5).numpy()
+    x64 = x.astype(np.float64)
+    expected = w * (x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5))
+    assert got.shape == expected.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-30)
+
+
+@needs_ops
+def test_the_norms_use_the_rms_norm_kernel_on_cpu(monkeypatch):
+    from ernie_paddle.model import RMSNorm
+    calls = []
+    monkeypatch.setattr(cpu_ops, "rms_norm", lambda x, w, eps: calls.append((x.shape, eps)) or x)
+    RMSNorm(4, 1e-6, "float32")(paddle.ones([2, 4]))
+    assert calls == [([2, 4], 1e-6)]
+    norm = RMSNorm(4, 1e-6, "float64")
+    norm.weight.set_value(paddle.ones([4], "float64"))
+    assert norm(paddle.ones([1, 4], "float64")).dtype == paddle.float64 and len(calls) == 1  # not float32
 
 
 @needs_ops

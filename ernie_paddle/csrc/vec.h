@@ -89,7 +89,7 @@ inline Vec sum_each(const Vec* v) {
 // 0 below -87.3 (where e^x leaves the normal floats) and for -inf; inf above 88.7; NaN stays NaN.
 inline Vec exp(Vec x) {
   const Vec lo = Vec{} - 87.3f, hi = Vec{} + 88.7f;
-  const Vec clamped = x < lo ? lo : (x > hi ? hi : x);
+  const Vec clamped = x > lo ? (x < hi ? x : hi) : lo;  // NaN becomes lo here: no NaN reaches the int conversion
   const Bits32 whole = __builtin_convertvector(clamped * 1.44269504f + (clamped < 0 ? Vec{} - 0.5f : Vec{} + 0.5f), Bits32);
   const Vec n = __builtin_convertvector(whole, Vec);
   const Vec r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
