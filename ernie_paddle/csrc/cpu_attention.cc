@@ -22,7 +22,7 @@ void rope(const float* x, const float* cos, const float* sin, float* out, int64_
   }
 }
 
-// softmax(p[0..last]) in place, 16 lanes at a time (p has room for a whole last vector). A row with
+// softmax(p[0..last]) in place, a vector at a time (p has room for a whole last vector). A row with
 // every key at -inf (no key to attend to) becomes zeros, not NaN.
 void softmax(float* p, int64_t last) {
   const int64_t n = last + 1, whole = n / kLanes * kLanes;
@@ -50,8 +50,8 @@ void softmax(float* p, int64_t last) {
 }
 
 // One query (already rotated and scaled) against keys 0..last: scores into p, output row into out.
-// With the head size DV * 16 known at compile time, the query and the output row stay in registers;
-// the scores of 16 keys at a time are 16 dot products summed together (sum_each).
+// With the head size DV * kLanes known at compile time, the query and the output row stay in registers;
+// the scores of kLanes keys at a time are kLanes dot products summed together (sum_each).
 template <int DV>
 void attend(const float* q, const float* k_rows, const float* v_rows, const float* mask, int64_t last, float* p,
             float* out) {
@@ -149,11 +149,11 @@ std::vector<paddle::Tensor> CpuAttention(const paddle::Tensor& qkv_in, const pad
         const int64_t last = start + t;
         float* yh = y + (b * T + t) * H * D + h * D;
         const float* mask_row = m + (b * T + t) * S;
-        switch (D) {
-          case 32: attend<2>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
-          case 64: attend<4>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
-          case 128: attend<8>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
-          case 256: attend<16>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
+        switch (D % kLanes == 0 ? D / kLanes : 0) {
+          case 2: attend<2>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
+          case 4: attend<4>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
+          case 8: attend<8>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
+          case 16: attend<16>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
           default: attend_any(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh, D);
         }
       }

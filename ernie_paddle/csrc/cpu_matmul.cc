@@ -51,12 +51,12 @@ inline void add_block(const float* xt, const W* w, int64_t N, int rows, int64_t 
   if (rows == kStep && width == kLanes) {
     for (int j = 0; j < kStep; ++j) {
       const Vec wj = load(w + j * N);
-      for (int i = 0; i < XR; ++i) acc[i] += xt[j * kBlock + i] * wj;
+      for (int i = 0; i < XR; ++i) acc[i] = madd(xt[j * kBlock + i], wj, acc[i]);
     }
   } else {
     for (int j = 0; j < rows; ++j) {
       const Vec wj = load_partial(w + j * N, width);
-      for (int i = 0; i < XR; ++i) acc[i] += xt[j * kBlock + i] * wj;
+      for (int i = 0; i < XR; ++i) acc[i] = madd(xt[j * kBlock + i], wj, acc[i]);
     }
   }
   for (int i = 0; i < XR; ++i) store(acc_block + i * kLanes, acc[i]);
@@ -112,8 +112,8 @@ void add_rows_of_one(const float* x, const W* w, float* acc, int64_t N, int64_t 
   if (N * static_cast<int64_t>(sizeof(W)) < 4096) {
     for (int64_t k = k0; k < k1; ++k) {
       const W* wk = w + k * N;
-      for (int64_t n = 0; n < whole; n += kLanes) store(acc + n, load(acc + n) + x[k] * load(wk + n));
-      if (whole < N) store(acc + whole, load(acc + whole) + x[k] * load_partial(wk + whole, N - whole));
+      for (int64_t n = 0; n < whole; n += kLanes) store(acc + n, madd(x[k], load(wk + n), load(acc + n)));
+      if (whole < N) store(acc + whole, madd(x[k], load_partial(wk + whole, N - whole), load(acc + whole)));
     }
     return;
   }
@@ -124,9 +124,9 @@ void add_rows_of_one(const float* x, const W* w, float* acc, int64_t N, int64_t 
       const int64_t n = v * kLanes, width = std::min<int64_t>(kLanes, N - n);
       Vec a = load(acc + n);
       if (rows == kStep && width == kLanes)
-        for (int j = 0; j < kStep; ++j) a += x[k + j] * load(wk + j * N + n);
+        for (int j = 0; j < kStep; ++j) a = madd(x[k + j], load(wk + j * N + n), a);
       else
-        for (int j = 0; j < rows; ++j) a += x[k + j] * load_partial(wk + j * N + n, width);
+        for (int j = 0; j < rows; ++j) a = madd(x[k + j], load_partial(wk + j * N + n, width), a);
       store(acc + n, a);
     }
   }
@@ -178,7 +178,7 @@ inline void dot_tile(const float* x, const W* w, float* y, int64_t K, int64_t N,
     }
     for (int i = 0; i < XR; ++i) {
       const Vec xv = in_register(load(x + i * K + k));
-      for (int j = 0; j < WR; ++j) acc[i * WR + j] += xv * wv[j];
+      for (int j = 0; j < WR; ++j) acc[i * WR + j] = madd(xv, wv[j], acc[i * WR + j]);
     }
   }
   if (k_vec < K) {  // the tail, zero-padded to a vector
@@ -186,7 +186,7 @@ inline void dot_tile(const float* x, const W* w, float* y, int64_t K, int64_t N,
     for (int j = 0; j < WR; ++j) wv[j] = load_partial(w + j * K + k_vec, K - k_vec);
     for (int i = 0; i < XR; ++i) {
       const Vec xv = load_partial(x + i * K + k_vec, K - k_vec);
-      for (int j = 0; j < WR; ++j) acc[i * WR + j] += xv * wv[j];
+      for (int j = 0; j < WR; ++j) acc[i * WR + j] = madd(xv, wv[j], acc[i * WR + j]);
     }
   }
   if constexpr (XR * WR == kLanes) {
@@ -199,11 +199,12 @@ inline void dot_tile(const float* x, const W* w, float* y, int64_t K, int64_t N,
   }
 }
 
-// The x rows of one tile of w rows, four at a time (16 accumulators), the tile staying in L1.
+// The x rows of one tile of w rows, kLanes / 4 at a time (kLanes accumulators: 4 x 4 with AVX-512, 2 x 4
+// with AVX2, whose 16 registers cannot hold a 4 x 4 tile beside its operands), the tile staying in L1.
 template <int WR, typename W>
 inline void dot_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, bool prefetch) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) dot_tile<4, WR>(x + m * K, w, y + m * N, K, N, prefetch);
+  for (; m + kLanes / 4 <= M; m += kLanes / 4) dot_tile<kLanes / 4, WR>(x + m * K, w, y + m * N, K, N, prefetch);
   switch (M - m) {
     case 3: dot_tile<3, WR>(x + m * K, w, y + m * N, K, N, prefetch); break;
     case 2: dot_tile<2, WR>(x + m * K, w, y + m * N, K, N, prefetch); break;
@@ -218,10 +219,10 @@ inline float dot_one(const float* x, const W* w, int64_t K) {
   Vec acc[4] = {};
   int64_t k = 0;
   for (; k + 4 * kLanes <= K; k += 4 * kLanes)
-    for (int i = 0; i < 4; ++i) acc[i] += load(x + k + i * kLanes) * load(w + k + i * kLanes);
+    for (int i = 0; i < 4; ++i) acc[i] = madd(load(x + k + i * kLanes), load(w + k + i * kLanes), acc[i]);
   for (; k < K; k += kLanes) {
     const int64_t width = std::min<int64_t>(kLanes, K - k);
-    acc[0] += load_partial(x + k, width) * load_partial(w + k, width);
+    acc[0] = madd(load_partial(x + k, width), load_partial(w + k, width), acc[0]);
   }
   return sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
 }

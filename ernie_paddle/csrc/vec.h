@@ -1,18 +1,24 @@
-// Shared by the CPU operators: a float vector of 16 lanes written with GCC vector extensions, not
-// intrinsics, so that -march=native lowers it to whatever the machine has: one AVX-512 register (the
-// case measured), or two AVX2 / four NEON registers, where the widest tiles spill (not measured).
+// Shared by the CPU operators: a float vector as wide as the machine's vector registers, written with GCC
+// vector extensions, not intrinsics, so that -march=native lowers it to whatever the machine has: 16
+// lanes in one AVX-512 register, else 8 lanes (one AVX2 register, two SSE / NEON ones). A 16-lane
+// vector on AVX2 spilled the kernels' register tiles: on a 2-core Zen 3, an 8-row decoding step took
+// 2x as long, and one bf16 row 1.4x.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
 namespace ernie {
 
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef float UnalignedVec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
 
@@ -26,6 +32,8 @@ typedef int32_t Bits32 __attribute__((vector_size(kLanes * sizeof(int32_t))));
 inline Vec load(const uint16_t* p) {
 #if defined(__AVX512F__)  // GCC lowers the generic form to two 8-lane widenings and a merge: 2x slower
   return (Vec)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#elif defined(__AVX2__)  // and to two 4-lane widenings and an insert
+  return (Vec)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
 #else
   return (Vec)(__builtin_convertvector(*reinterpret_cast<const Bf16*>(p), Bits) << 16);
 #endif
@@ -37,13 +45,29 @@ inline float to_float(uint16_t v) {
   return f;
 }
 // The value in a register of its own: stops GCC from folding a load into every multiply-add that uses
-// it (16 loads for a 4 x 4 tile instead of 8, at half the speed).
+// it (16 loads for a 4 x 4 tile of 16-lane vectors instead of 8, at half the speed).
 inline Vec in_register(Vec v) {
 #if defined(__x86_64__) && defined(__AVX512F__)  // one register only with AVX-512 (else: no such constraint)
   asm("" : "+v"(v));
 #endif
   return v;
 }
+// a * b + c rounded once. Explicit: GCC fuses a written a * b + c only where it sees fit (not after a
+// zero-padded tail load, say), and a sum must round the same way over bf16 and float32 weights.
+inline Vec madd(Vec a, Vec b, Vec c) {
+#if defined(__AVX512F__)
+  return (Vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (Vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#elif defined(__x86_64__) || defined(__i386__)
+  return a * b + c;  // no fused instruction to fuse it into
+#else
+  Vec r;
+  for (int i = 0; i < kLanes; ++i) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
+  return r;
+#endif
+}
+inline Vec madd(float a, Vec b, Vec c) { return madd(Vec{} + a, b, c); }
 inline void store(float* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
 // The sum of the lanes, adding halves: lanes i and i + 8, then i and i + 4, ... The same order as
 // sum_each, so a dot product has the same bits whichever of the two adds it up.
@@ -55,16 +79,26 @@ inline float sum(Vec v) {
   return part[0];
 }
 
-// Lane i of the result is sum(v[i]), for 16 vectors, added in the same order as sum(): each level adds
-// the two halves of the lane groups of a pair of vectors, 15 vector additions (and 30 shuffles) in all
-// instead of 16 x 15 scalar ones. __builtin_shufflevector needs GCC 12 or clang; else lane by lane.
+// Lane i of the result is sum(v[i]), for kLanes vectors, added in the same order as sum(): each level
+// adds the two halves of the lane groups of a pair of vectors, kLanes - 1 vector additions in all
+// instead of kLanes x (kLanes - 1) scalar ones. __builtin_shufflevector needs GCC 12 or clang; else lane by lane.
 #if defined(__has_builtin)  // nested: an older preprocessor cannot even parse the test
 #if __has_builtin(__builtin_shufflevector)
 #define ERNIE_HAS_SHUFFLEVECTOR 1
 #endif
 #endif
 inline Vec sum_each(const Vec* v) {
-#if defined(ERNIE_HAS_SHUFFLEVECTOR)
+#if defined(ERNIE_HAS_SHUFFLEVECTOR) && !defined(__AVX512F__)
+  Vec halves[4], quarters[2];
+  for (int p = 0; p < 4; ++p)
+    halves[p] = __builtin_shufflevector(v[2 * p], v[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+                __builtin_shufflevector(v[2 * p], v[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int p = 0; p < 2; ++p)
+    quarters[p] = __builtin_shufflevector(halves[2 * p], halves[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+                  __builtin_shufflevector(halves[2 * p], halves[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(quarters[0], quarters[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(quarters[0], quarters[1], 1, 3, 5, 7, 9, 11, 13, 15);
+#elif defined(ERNIE_HAS_SHUFFLEVECTOR)
   Vec halves[8], quarters[4], eighths[2];
   for (int p = 0; p < 8; ++p)
     halves[p] = __builtin_shufflevector(v[2 * p], v[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
