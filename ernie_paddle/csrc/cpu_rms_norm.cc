@@ -3,7 +3,7 @@
 // in one pass over each row instead of Paddle's six ops (a decoding step has 37 norms). Paddle's own
 // fused_rms_norm runs AVX-512 code on every CPU and stops with SIGILL on the others.
 // Each output is w * (x * s), s = 1 / sqrt(mean + eps), as the reference computes it; only the order
-// in which the squares are added differs (16 running sums).
+// in which the squares are added differs (one running sum per vector lane).
 
 #include <omp.h>
 
