@@ -44,6 +44,29 @@ def configure_cpu_math():
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "7" if " avx512f" in cpuinfo else "5")
 
 
+# glibc malloc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD (malloc.h)
+MMAP_THRESHOLD, TRIM_THRESHOLD = -3, -1
+
+
+def keep_freed_memory():
+    """Have glibc malloc keep freed memory for reuse instead of returning it to the system. Paddle's
+    CPU tensors are malloc'ed, and glibc gave every large one (beyond 128 KB) fresh pages from the
+    system and unmapped it when freed, so each new tensor was written through page faults: widening
+    18 bf16 up_gate matrices took 220 ms instead of 25, a 512-token prefill 2.35 s instead of 2.0.
+    Blocks up to 32 MB (glibc's limit) now come from the heap, which is trimmed only beyond 1 GB
+    free. Environment values (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) win; other C
+    libraries are left alone."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        mallopt(MMAP_THRESHOLD, 32 << 20)
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        mallopt(TRIM_THRESHOLD, 1 << 30)
+
+
 def cpu_threads() -> int:
     return int(os.environ.get("MKL_NUM_THREADS") or 1)
 
@@ -54,6 +77,7 @@ def import_paddle():
         return sys.modules["paddle"]
     os.environ.setdefault("GLOG_minloglevel", "2")
     configure_cpu_math()
+    keep_freed_memory()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "No ccache found" from paddle.utils.cpp_extension

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -111,6 +113,27 @@ def test_prepare_environment_keeps_the_users_values(monkeypatch):
     monkeypatch.setenv("FLAGS_npu_jit_compile", "1")
     device.prepare_environment("npu")
     assert os.environ["FLAGS_npu_jit_compile"] == "1"
+
+
+FRESH_TENSOR_FAULTS = """
+import resource
+from ernie_paddle.device import import_paddle
+paddle = import_paddle()
+x = paddle.full([1024, 6144], 1.0)
+del x
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = paddle.full([1024, 6144], 2.0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_a_freed_tensor_s_memory_is_reused_without_page_faults():
+    # 24 MB: 6144 fresh 4 KB pages if glibc hands the memory back to the system on free
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    run = subprocess.run([sys.executable, "-c", FRESH_TENSOR_FAULTS], env=environment, capture_output=True,
+                         text=True, check=True)
+    assert int(run.stdout.split()[-1]) < 600
 
 
 def test_synchronize_and_peak_memory_are_safe_on_cpu():
