@@ -70,9 +70,9 @@ inline void add_block_pair(const float* xt, const W* w, int64_t N, int rows, flo
   Vec a[XR], b[XR];
   for (int i = 0; i < XR; ++i) a[i] = load(acc0 + i * kLanes), b[i] = load(acc1 + i * kLanes);
   for (int j = 0; j < rows; ++j) {
-    const Vec wa = load(w + j * N), wb = load(w + j * N + kLanes);
+    const Vec wa = in_register(load(w + j * N)), wb = in_register(load(w + j * N + kLanes));
     for (int i = 0; i < XR; ++i) {
-      const Vec xi = Vec{} + xt[j * kBlock + i];
+      const Vec xi = splat(xt[j * kBlock + i]);
       a[i] = madd(xi, wa, a[i]);
       b[i] = madd(xi, wb, b[i]);
     }
