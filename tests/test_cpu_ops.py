@@ -22,8 +22,9 @@ needs_ops = pytest.mark.skipif(not cpu_ops.available(), reason="the CPU operator
 
 # (rows, K, N): one row and several; K and N neither multiples of the 8-row step nor of 16 lanes;
 # a 1-wide output; more rows than the 8-row blocks; fewer K rows than threads x 8; an empty K; shapes
-# of the real model; the lm_head at batch 8 (tiles of 3 w rows on AVX2, one left). (1, 1024, 1536) has bf16 rows under 4 KB and float32 rows over: the one-row kernel's
-# two read orders, which must give the same bits.
+# of the real model; the lm_head at batch 8 (AVX2 tiles of 3 w rows, one left over). (1, 1024, 1536)
+# has bf16 rows under 4 KB and float32 rows over: the one-row kernel's two read orders, which must
+# give the same bits.
 SHAPES = [(1, 1024, 1536), (1, 37, 50), (3, 37, 50), (5, 7, 3), (8, 64, 1), (2, 16, 40), (33, 100, 17),
           (4, 3072, 40), (32, 96, 211), (9, 9, 33), (8, 1024, 100), (2, 0, 5)]
 
