@@ -77,7 +77,6 @@ def import_paddle():
         return sys.modules["paddle"]
     os.environ.setdefault("GLOG_minloglevel", "2")
     configure_cpu_math()
-    keep_freed_memory()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "No ccache found" from paddle.utils.cpp_extension
@@ -85,6 +84,7 @@ def import_paddle():
     except ImportError:
         raise ErnieError("PaddlePaddle is not installed: pip install 'ernie-paddle[cpu]' for CPU, "
                          "or install your GPU/NPU Paddle build (see README)") from None
+    keep_freed_memory()
     return paddle
 
 

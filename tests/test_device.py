@@ -119,21 +119,25 @@ FRESH_TENSOR_FAULTS = """
 import resource
 from ernie_paddle.device import import_paddle
 paddle = import_paddle()
-x = paddle.full([1024, 6144], 1.0)
-del x
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x = paddle.full([1024, 6144], 2.0)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = []
+for i in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = paddle.full([1024, 6144], float(i))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del x
+print(sum(faults[1:]))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_a_freed_tensor_s_memory_is_reused_without_page_faults():
-    # 24 MB: 6144 fresh 4 KB pages if glibc hands the memory back to the system on free
+    # 24 MB tensors, 10 times: each one written through 6144 fresh 4 KB pages if glibc hands the memory
+    # back to the system on free. Kept, the first one (in some runs up to three) takes fresh pages and
+    # the rest reuse them.
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     run = subprocess.run([sys.executable, "-c", FRESH_TENSOR_FAULTS], env=environment, capture_output=True,
                          text=True, check=True)
-    assert int(run.stdout.split()[-1]) < 600
+    assert int(run.stdout.split()[-1]) < 3 * 6144
 
 
 def test_synchronize_and_peak_memory_are_safe_on_cpu():
