@@ -48,6 +48,7 @@ def configure_cpu_math():
 MMAP_THRESHOLD, TRIM_THRESHOLD = -3, -1
 
 
+@functools.cache
 def keep_freed_memory():
     """Have glibc malloc keep freed memory for reuse instead of returning it to the system. Paddle's
     CPU tensors are malloc'ed, and glibc gave every large one (beyond 128 KB) fresh pages from the
@@ -73,8 +74,12 @@ def cpu_threads() -> int:
 
 def import_paddle():
     """Import paddle once, quietly, or say in one line what to install."""
-    if "paddle" in sys.modules:  # called per op on hot paths: return at once
-        return sys.modules["paddle"]
+    paddle = sys.modules.get("paddle") or _import_paddle()
+    keep_freed_memory()  # once per process, also when the caller imported paddle itself
+    return paddle
+
+
+def _import_paddle():
     os.environ.setdefault("GLOG_minloglevel", "2")
     configure_cpu_math()
     try:
@@ -84,7 +89,6 @@ def import_paddle():
     except ImportError:
         raise ErnieError("PaddlePaddle is not installed: pip install 'ernie-paddle[cpu]' for CPU, "
                          "or install your GPU/NPU Paddle build (see README)") from None
-    keep_freed_memory()
     return paddle
 
 
