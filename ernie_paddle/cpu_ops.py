@@ -10,6 +10,7 @@ rounding.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import logging
@@ -22,11 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .device import cpu_threads, import_paddle
 
 LIBRARY = "ernie_cpu_ops"
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "cpu_matmul.cc", CSRC / "cpu_attention.cc", CSRC / "cpu_swiglu.cc", CSRC / "cpu_rms_norm.cc"]
+SOURCES = [CSRC / "cpu_matmul.cc", CSRC / "cpu_attention.cc", CSRC / "cpu_swiglu.cc", CSRC / "cpu_rms_norm.cc",
+           CSRC / "cpu_transpose.cc"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-w"]
 MAX_ROWS = 32  # above this (prefill), MKL's blocked GEMM is compute-bound and faster
 
@@ -54,10 +58,9 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def matmul(x, w, transpose_w: bool = False, threads: int | None = None):
-    """x [..., K] @ w ([K, N], or [N, K] when `transpose_w`): x float32, w float32 or bfloat16, on CPU;
-    after `available()`."""
-    return _run_custom_op("ernie_cpu_matmul", x, w, transpose_w, threads or cpu_threads())[0]
+def matmul(x, w, threads: int | None = None):
+    """x [..., K] @ w^T for w [N, K]: x float32, w float32 or bfloat16, on CPU; after `available()`."""
+    return _run_custom_op("ernie_cpu_matmul", x, w, threads or cpu_threads())[0]
 
 
 def widen(w):
@@ -84,6 +87,26 @@ def attention(qkv, cos, sin, keys, values, mask, start: int, heads: int, scale: 
         raise ValueError("cpu_ops.attention: the KV cache must be contiguous tensors, not views")
     return _run_custom_op("ernie_cpu_attention", qkv, cos, sin, keys, values, mask, start, heads, scale,
                           cpu_threads())[0]
+
+
+def copy_transposed(src: np.ndarray, dst: np.ndarray) -> bool:
+    """dst[...] = src.T, for a contiguous 2-D src and a dst with unit element stride (a block of
+    columns of a weight matrix); in C++ when the operators are available (2-4x faster than numpy), and
+    then True."""
+    native = (available() and src.flags.c_contiguous and dst.strides[1] == dst.itemsize == src.itemsize
+              and dst.shape == src.shape[::-1] and _library().ernie_copy_transposed(
+                  src.ctypes.data, dst.ctypes.data, *src.shape, src.shape[1], dst.strides[0] // dst.itemsize,
+                  dst.itemsize, cpu_threads()) == 0)
+    if not native:
+        dst[...] = src.T
+    return native
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    library = ctypes.CDLL(str(cache_dir() / _build_key() / f"{LIBRARY}.so"))  # loaded already: the same handle
+    library.ernie_copy_transposed.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
+    return library
 
 
 def _run_custom_op(name, *args):

@@ -58,7 +58,8 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, progress: bool = Tru
         param = params.pop(group.paddle, None)
         if param is None:
             raise ErnieError(f"{ckpt.directory}: tensor {sources[0]!r} has no place in the dense ERNIE 4.5 model")
-        shape = tuple(param.shape)
+        held = tuple(param.shape)
+        shape = held if group.how == mapping.COPY else held[::-1]  # the -Paddle tensor's
         expected = [shape] if layout == "paddle" else mapping.pt_shapes(group, shape, config)
         for name, want in zip(sources, expected):
             info = ckpt.tensors[name]
@@ -74,18 +75,24 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, progress: bool = Tru
 
 
 def _fill(param, ckpt: Checkpoint, group: mapping.Group, layout: str):
-    """Write one parameter from its checkpoint tensors. A CPU parameter is written in place through a
-    numpy view of its memory, and a tensor used as it is stored streams in blocks, so loading never
-    holds a second whole copy of a tensor: peak memory stays close to the weights themselves."""
+    """Write one parameter from its checkpoint tensors. The model holds a Linear weight [out, in], as
+    the -PT tensors are (a fused one as its -PT parts stacked), and -Paddle ones [in, out]: those are
+    transposed block by block as they are read. A CPU parameter is written in place through a numpy
+    view of its memory, so loading never holds a second whole copy of a tensor: peak memory stays
+    close to the weights themselves."""
     on_cpu = param.place.is_cpu_place()
     dtype = str(param.dtype).removeprefix("paddle.")
-    target = _host_view(param) if on_cpu else np.empty(param.shape, DTYPES[CODES[dtype]][1])
-    if layout == "paddle" or group.how == mapping.COPY:
-        _read_blocks(ckpt, group.paddle if layout == "paddle" else group.pt[0], target, dtype)
+    held = _host_view(param) if on_cpu else np.empty(param.shape, DTYPES[CODES[dtype]][1])
+    if layout == "paddle":
+        _read_blocks(ckpt, group.paddle, held, dtype, transpose=group.how != mapping.COPY)
     else:
-        target[...] = mapping.to_paddle(group, [cast(ckpt.read(n), ckpt.dtype(n), dtype) for n in group.pt])
+        row = 0
+        for name in group.pt:
+            rows = ckpt.tensors[name].shape[0]
+            _read_blocks(ckpt, name, held[row:row + rows], dtype)
+            row += rows
     if not on_cpu:
-        param.set_value(target)
+        param.set_value(held)
 
 
 def _host_view(param) -> np.ndarray:
@@ -97,11 +104,12 @@ def _host_view(param) -> np.ndarray:
     return np.ctypeslib.as_array(bits).reshape(param.shape)
 
 
-def _read_blocks(ckpt: Checkpoint, name: str, out: np.ndarray, dtype: str):
-    """Read tensor `name` into `out` (same shape, `dtype` storage) a block of rows at a time."""
+def _read_blocks(ckpt: Checkpoint, name: str, out: np.ndarray, dtype: str, transpose: bool = False):
+    """Read tensor `name` into `out` (same shape, or transposed when `transpose`; `dtype` storage) a
+    block of rows at a time."""
     info = ckpt.tensors[name]
     storage = DTYPES[CODES[info.dtype]][1]
-    rows = out.reshape(out.shape[0], -1)
+    rows = out.T if transpose else out.reshape(out.shape[0], -1)  # the checkpoint's rows
     per_block = max(1, READ_BLOCK_BYTES // (rows.shape[1] * ITEMSIZE[info.dtype]))
     try:
         with open(info.file, "rb") as f:
@@ -112,7 +120,11 @@ def _read_blocks(ckpt: Checkpoint, name: str, out: np.ndarray, dtype: str):
                 if block.size != dst.size:
                     raise ErnieError(f"{info.file}: truncated while reading tensor {name!r}; "
                                      "re-download or re-convert it")
-                dst[...] = cast(block, ckpt.dtype(name), dtype).reshape(dst.shape)
+                block = cast(block, ckpt.dtype(name), dtype).reshape(dst.shape)
+                if transpose:
+                    cpu_ops.copy_transposed(block, out[:, start:start + per_block])
+                else:
+                    dst[...] = block
     except OSError as e:
         raise ErnieError(f"{info.file}: cannot read tensor {name!r} ({e.strerror})") from None
 

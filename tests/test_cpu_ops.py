@@ -20,61 +20,73 @@ paddle = device.import_paddle()
 
 needs_ops = pytest.mark.skipif(not cpu_ops.available(), reason="the CPU operators could not be built here")
 
-# (rows, K, N): one row and several; K and N neither multiples of the 8-row step nor of 16 lanes;
-# a 1-wide output; more rows than the 8-row blocks; fewer K rows than threads x 8; an empty K; shapes
-# of the real model; the lm_head at batch 8 (AVX2 tiles of 3 w rows, one left over). (1, 1024, 1536)
-# has bf16 rows under 4 KB and float32 rows over: the one-row kernel's two read orders, which must
-# give the same bits.
+# (rows, K, N): one row and several; K not a multiple of the vector lanes (a zero-padded tail); N not a
+# multiple of the tiles of 3 (AVX2) or 4 w rows, and fewer w rows than threads x tile; more rows than the
+# 4-row x tiles; a 1-wide output; an empty K; shapes of the real model; the lm_head at batch 8.
 SHAPES = [(1, 1024, 1536), (1, 37, 50), (3, 37, 50), (5, 7, 3), (8, 64, 1), (2, 16, 40), (33, 100, 17),
           (4, 3072, 40), (32, 96, 211), (9, 9, 33), (8, 1024, 100), (2, 0, 5)]
 
 
 @needs_ops
-@pytest.mark.parametrize("transpose_w", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("rows,k,n", SHAPES)
-def test_kernel_matches_numpy(rows, k, n, threads, transpose_w):
+def test_kernel_matches_numpy(rows, k, n, threads):
     rng = np.random.default_rng(rows * 1000 + k + n)
     x = rng.standard_normal((rows, k)).astype(np.float32)
-    w = rng.standard_normal((k, n)).astype(np.float32)
-    stored = np.ascontiguousarray(w.T) if transpose_w else w
-    got = cpu_ops.matmul(paddle.to_tensor(x), paddle.to_tensor(stored), transpose_w, threads).numpy()
-    expected = x.astype(np.float64) @ w.astype(np.float64)
+    w = rng.standard_normal((n, k)).astype(np.float32)  # [out, in]
+    got = cpu_ops.matmul(paddle.to_tensor(x), paddle.to_tensor(w), threads).numpy()
+    expected = x.astype(np.float64) @ w.T.astype(np.float64)
     assert got.shape == (rows, n) and got.dtype == np.float32
     # float32 rounding of a K-term sum: well under 1e-6 * K relative to the terms' scale
     assert np.abs(got - expected).max(initial=0) <= 1e-6 * k * np.abs(x).max(initial=0) * np.abs(w).max(initial=0)
 
 
 @needs_ops
-@pytest.mark.parametrize("transpose_w", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("rows,k,n", SHAPES)
-def test_bf16_weights_give_the_float32_results_bit_for_bit(rows, k, n, threads, transpose_w):
+def test_bf16_weights_give_the_float32_results_bit_for_bit(rows, k, n, threads):
     """bfloat16 weights widened as they are read: the same float32 sums as their float32 copies."""
     rng = np.random.default_rng(rows * 1000 + k + n)
     x = paddle.to_tensor(rng.standard_normal((rows, k)).astype(np.float32))
-    w = paddle.to_tensor(rng.standard_normal((n, k) if transpose_w else (k, n)).astype(np.float32))
+    w = paddle.to_tensor(rng.standard_normal((n, k)).astype(np.float32))
     held = w.astype("bfloat16")
     widened = cpu_ops.widen(held)
     assert widened.dtype == paddle.float32 and np.array_equal(widened.numpy(), held.astype("float32").numpy())
-    got = cpu_ops.matmul(x, held, transpose_w, threads).numpy()
-    assert np.array_equal(got, cpu_ops.matmul(x, widened, transpose_w, threads).numpy())
+    got = cpu_ops.matmul(x, held, threads).numpy()
+    assert np.array_equal(got, cpu_ops.matmul(x, widened, threads).numpy())
     w64 = widened.numpy().astype(np.float64)
-    expected = x.numpy().astype(np.float64) @ (w64.T if transpose_w else w64)
+    expected = x.numpy().astype(np.float64) @ w64.T
     scale = np.abs(x.numpy()).max(initial=0) * np.abs(w64).max(initial=0)
     assert np.abs(got - expected).max(initial=0) <= 1e-6 * k * scale
 
 
 @needs_ops
-@pytest.mark.parametrize("transpose_w", [False, True])
-def test_a_row_gets_the_same_bits_in_any_batch_of_two_or_more(transpose_w):
-    """Rows in 4-row tiles and in the 1-3-row remainder add their dot products in the same order."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_row_gets_the_same_bits_in_any_batch(dtype):
+    """Rows in 4-row tiles, in the 1-3-row remainder and alone add their dot products in the same order:
+    a sequence decodes to the same logits alone and in a batch."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((9, 100)).astype(np.float32)
-    w = paddle.to_tensor(rng.standard_normal((37, 100) if transpose_w else (100, 37)).astype(np.float32))
-    alone = {m: cpu_ops.matmul(paddle.to_tensor(x[:m]), w, transpose_w).numpy() for m in range(2, 10)}
-    for m in range(2, 9):
+    w = paddle.to_tensor(rng.standard_normal((37, 100)).astype(np.float32)).astype(dtype)
+    alone = {m: cpu_ops.matmul(paddle.to_tensor(x[:m]), w).numpy() for m in range(1, 10)}
+    for m in range(1, 9):
         assert np.array_equal(alone[m], alone[9][:m]), m
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.float64, np.int8])
+def test_copy_transposed_writes_a_block_of_columns(kernels, dtype, monkeypatch):
+    """How -Paddle [in, out] weights load into the [out, in] layout: in C++, or numpy (other item
+    sizes, or without the operators); the columns beside the block untouched."""
+    if kernels and not cpu_ops.available():
+        pytest.skip("the CPU operators could not be built here")
+    if not kernels:
+        monkeypatch.setattr(cpu_ops, "available", lambda: False)
+    src = np.random.default_rng(0).integers(0, 100, (37, 1003)).astype(dtype)
+    held = np.zeros((1003, 50), dtype)
+    assert cpu_ops.copy_transposed(src, held[:, 5:42]) == (kernels and dtype != np.int8)
+    assert np.array_equal(held[:, 5:42], src.T)
+    assert not held[:, :5].any() and not held[:, 42:].any()
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("g++"),
@@ -162,10 +174,10 @@ def test_widen_takes_odd_sizes_and_views():
 def test_kernel_keeps_leading_axes_and_takes_views():
     rng = np.random.default_rng(0)
     x = paddle.to_tensor(rng.standard_normal((2, 3, 40)).astype(np.float32))
-    w = paddle.to_tensor(rng.standard_normal((24, 30)).astype(np.float32))
+    w = paddle.to_tensor(rng.standard_normal((30, 24)).astype(np.float32))
     got = cpu_ops.matmul(x[:, :, 8:32], w)  # a strided view of x
     assert got.shape == [2, 3, 30]
-    np.testing.assert_allclose(got.numpy(), x.numpy()[:, :, 8:32] @ w.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.numpy(), x.numpy()[:, :, 8:32] @ w.numpy().T, rtol=1e-5, atol=1e-5)
 
 
 @needs_ops
@@ -173,12 +185,11 @@ def test_decoding_uses_the_kernel(monkeypatch):
     from ernie_paddle.model import project
     calls = []
     monkeypatch.setattr(cpu_ops, "matmul", lambda *args: calls.append(args) or paddle.zeros([1, 4]))
-    x, w = paddle.ones([1, 8]), paddle.ones([8, 4])
+    x, w = paddle.ones([1, 8]), paddle.ones([4, 8])  # w as the model holds it: [out, in]
     project(x, w)
-    project(x, w.t().contiguous(), transpose_w=True)  # the tied lm_head
-    assert [args[2] for args in calls] == [False, True]
+    assert len(calls) == 1 and calls[0][1] is w
     project(paddle.ones([cpu_ops.MAX_ROWS + 1, 8]), w)  # prefill: MKL
-    assert len(calls) == 2
+    assert len(calls) == 1
 
 
 def run_generate(tmp_path, cache, **env):
