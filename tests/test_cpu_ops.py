@@ -251,11 +251,12 @@ def decode_logits(model, prompts, steps):
     return np.stack([o.numpy() for o in out]), [k.numpy() for k in cache.keys]
 
 
-# head sizes with a compiled path (32, 64, 128, 256) and without (12, 16, 24); GQA, MHA and MQA;
-# left padding; a prompt longer than the 32 rows the matmul takes
+# head sizes that are whole vectors (16 to 256; 24 is 3 8-lane vectors: a pair and one left) and not (12);
+# GQA, MHA and MQA; groups of 1 to 8 query heads per kv head, taken in blocks of 1 to 4 (5: a block
+# of 3 and one of 2); left padding; a prompt longer than the 32 rows the matmul takes
 @needs_ops
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (4, 4, 12), (8, 1, 24), (4, 2, 32), (2, 2, 64),
-                                                     (4, 1, 128), (2, 1, 256)])
+                                                     (4, 1, 128), (2, 1, 256), (10, 2, 16)])
 def test_fused_attention_matches_the_plain_path(tmp_path, monkeypatch, heads, kv_heads, head_dim):
     from conftest import save_tiny_pt
     from ernie_paddle import ErniePredictor, model as model_module

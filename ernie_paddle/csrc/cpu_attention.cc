@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "paddle/extension.h"
+#include "dot.h"
 #include "vec.h"
 
 namespace {
@@ -49,32 +50,50 @@ void softmax(float* p, int64_t last) {
   for (int64_t j = 0; j < n; j += kLanes) store(p + j, load(p + j) / total);
 }
 
-// One query (already rotated and scaled) against keys 0..last: scores into p, output row into out.
-// With the head size DV * kLanes known at compile time, the query and the output row stay in registers;
-// the scores of kLanes keys at a time are kLanes dot products summed together (sum_each).
-template <int DV>
-void attend(const float* q, const float* k_rows, const float* v_rows, const float* mask, int64_t last, float* p,
-            float* out) {
-  constexpr int64_t D = DV * kLanes;
-  Vec qv[DV];
-  for (int d = 0; d < DV; ++d) qv[d] = load(q + d * kLanes);
+// out[i, :] = sum over keys j < n of p[i * ldp + j] * v[j, :] for XR query rows i: two vectors of D
+// at a time, whose XR x 2 sums stay in registers while the values stream past once for all XR rows.
+template <int XR>
+void weigh_values(const float* p, int64_t ldp, const float* v_rows, int64_t n, int64_t D, float* out) {
+  int64_t d = 0;
+  for (; d + 2 * kLanes <= D; d += 2 * kLanes) {
+    Vec a[XR] = {}, b[XR] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const Vec v0 = in_register(load(v_rows + j * D + d)), v1 = in_register(load(v_rows + j * D + d + kLanes));
+      for (int i = 0; i < XR; ++i) {
+        const Vec pi = splat(p[i * ldp + j]);
+        a[i] = madd(pi, v0, a[i]);
+        b[i] = madd(pi, v1, b[i]);
+      }
+    }
+    for (int i = 0; i < XR; ++i) store(out + i * D + d, a[i]), store(out + i * D + d + kLanes, b[i]);
+  }
+  if (d < D) {  // one vector left
+    Vec a[XR] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const Vec v0 = load(v_rows + j * D + d);
+      for (int i = 0; i < XR; ++i) a[i] = madd(p[i * ldp + j], v0, a[i]);
+    }
+    for (int i = 0; i < XR; ++i) store(out + i * D + d, a[i]);
+  }
+}
+
+// XR query heads that share a kv head (already rotated and scaled, rows of q) against its keys
+// 0..last: scores into the rows of p, output rows into out (heads adjacent). Taking the heads of a
+// group together reads each cached key and value once for all of them instead of once per head
+// (from L2 when prefilling: 2x faster there). Needs D a multiple of kLanes.
+template <int XR>
+void attend_heads(const float* q, const float* k_rows, const float* v_rows, const float* mask, int64_t last,
+                  float* p, int64_t ldp, float* out, int64_t D) {
+  const int64_t n = last + 1;
   int64_t j = 0;
-  for (; j + kLanes <= last + 1; j += kLanes) {
-    Vec a[kLanes] = {};
-    for (int d = 0; d < DV; ++d)
-      for (int r = 0; r < kLanes; ++r) a[r] += qv[d] * load(k_rows + (j + r) * D + d * kLanes);
-    store(p + j, sum_each(a) + load(mask + j));
+  for (; j + kTileRows <= n; j += kTileRows) dot_rows<kTileRows>(q, k_rows + j * D, p + j, XR, D, ldp, false);
+  for (; j < n; ++j) dot_rows<1>(q, k_rows + j * D, p + j, XR, D, ldp, false);
+  for (int i = 0; i < XR; ++i) {
+    float* row = p + i * ldp;
+    for (j = 0; j < n; ++j) row[j] += mask[j];
+    softmax(row, last);
   }
-  for (; j <= last; ++j) {
-    Vec a = {};
-    for (int d = 0; d < DV; ++d) a += qv[d] * load(k_rows + j * D + d * kLanes);
-    p[j] = sum(a) + mask[j];
-  }
-  softmax(p, last);
-  Vec acc[DV] = {};
-  for (j = 0; j <= last; ++j)
-    for (int d = 0; d < DV; ++d) acc[d] += p[j] * load(v_rows + j * D + d * kLanes);
-  for (int d = 0; d < DV; ++d) store(out + d * kLanes, acc[d]);
+  weigh_values<XR>(p, ldp, v_rows, n, D, out);
 }
 
 void attend_any(const float* q, const float* k_rows, const float* v_rows, const float* mask, int64_t last, float* p,
@@ -137,24 +156,34 @@ std::vector<paddle::Tensor> CpuAttention(const paddle::Tensor& qkv_in, const pad
       rope(token + (H + g) * D, c + (b * T + t) * D, s + (b * T + t) * D, k_cache + at, D);
       std::memcpy(v_cache + at, token + (H + KV + g) * D, D * sizeof(float));
     }
-    std::vector<float> q(D), p(start + T + kLanes);  // p: room for softmax's last whole vector
+    // Query heads in blocks of at most 4 (the dot tiles' rows) of one kv head's group, split evenly,
+    // and into at least as many tasks as threads where the group allows.
+    const int64_t blocks = std::min(G, std::max((G + 3) / 4, (threads + B * KV - 1) / (B * KV)));
+    const int64_t per_block = (G + blocks - 1) / blocks, ldp = start + T + kLanes;  // ldp: softmax's padding
+    std::vector<float> q(per_block * D), p(per_block * ldp);
 #pragma omp for schedule(static)
-    for (int64_t task = 0; task < B * H; ++task) {  // the rows of one query head
-      const int64_t b = task / H, h = task % H, g = h / G;
+    for (int64_t task = 0; task < B * KV * blocks; ++task) {
+      const int64_t b = task / (KV * blocks), g = task / blocks % KV, h0 = g * G + task % blocks * per_block;
+      const int64_t rows = std::min(per_block, (g + 1) * G - h0);
       const float* k_rows = k_cache + (b * KV + g) * L * D;
       const float* v_rows = v_cache + (b * KV + g) * L * D;
       for (int64_t t = 0; t < T; ++t) {
-        rope(x + (b * T + t) * row + h * D, c + (b * T + t) * D, s + (b * T + t) * D, q.data(), D);
-        for (int64_t i = 0; i < D; ++i) q[i] *= scale;
+        for (int64_t i = 0; i < rows; ++i) {
+          float* qi = q.data() + i * D;
+          rope(x + (b * T + t) * row + (h0 + i) * D, c + (b * T + t) * D, s + (b * T + t) * D, qi, D);
+          for (int64_t d = 0; d < D; ++d) qi[d] *= scale;
+        }
         const int64_t last = start + t;
-        float* yh = y + (b * T + t) * H * D + h * D;
+        float* yh = y + (b * T + t) * H * D + h0 * D;
         const float* mask_row = m + (b * T + t) * S;
-        switch (D % kLanes == 0 ? D / kLanes : 0) {
-          case 2: attend<2>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
-          case 4: attend<4>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
-          case 8: attend<8>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
-          case 16: attend<16>(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh); break;
-          default: attend_any(q.data(), k_rows, v_rows, mask_row, last, p.data(), yh, D);
+        switch (D % kLanes == 0 ? rows : 0) {
+          case 4: attend_heads<4>(q.data(), k_rows, v_rows, mask_row, last, p.data(), ldp, yh, D); break;
+          case 3: attend_heads<3>(q.data(), k_rows, v_rows, mask_row, last, p.data(), ldp, yh, D); break;
+          case 2: attend_heads<2>(q.data(), k_rows, v_rows, mask_row, last, p.data(), ldp, yh, D); break;
+          case 1: attend_heads<1>(q.data(), k_rows, v_rows, mask_row, last, p.data(), ldp, yh, D); break;
+          default:
+            for (int64_t i = 0; i < rows; ++i)
+              attend_any(q.data() + i * D, k_rows, v_rows, mask_row, last, p.data(), yh + i * D, D);
         }
       }
     }
