@@ -2,8 +2,8 @@
 
 The attention projection is one fused [Q | K | V] matrix and the MLP one fused [GATE | UP] matrix,
 as in the -Paddle checkpoints, but every weight matrix is held [out, in] (y = x @ W^T), as transformers
-holds them: the -Paddle checkpoint's [in, out] matrices are transposed as they load. Batched decoding
-reads them 1.2-1.4x as fast that way (README "Speed").
+holds them: the -Paddle checkpoint's [in, out] matrices are transposed as they load. The CPU decoding
+kernel reads 8 rows 1.5-1.7x as fast that way, and one row as fast (README "Speed").
 Numerics follow transformers' `Ernie4_5ForCausalLM`: RMSNorm statistics, interleaved RoPE and the
 attention softmax in float32, whatever the compute dtype.
 
@@ -57,7 +57,7 @@ def project(x, w):
     """x [..., K] @ w^T for a weight matrix w [N, K] as the model holds it (the tied embedding too,
     as the lm_head). On CPU, decoding (a few rows) runs the weight-streaming kernel of cpu_ops.py,
     which widens bfloat16 weights as it reads them; longer inputs widen them first for MKL. Without
-    the kernel, for 8 to 32 rows MKL is 1.4-2.4x faster computing w @ x^T and transposing the small
+    the kernel, for 8 to 32 rows MKL is 1.2-2.3x faster computing w @ x^T and transposing the small
     result."""
     rows = math.prod(x.shape[:-1])
     if not w.place.is_cpu_place():
