@@ -1,5 +1,6 @@
 """The CPU operators of csrc/ (the decoding matmul, attention, swiglu and RMSNorm) as Paddle custom operators: built
 once per machine with Paddle's own extension builder, cached, and loaded in milliseconds afterwards.
+The same library has the transposing copy that loads -Paddle checkpoints, a plain C function.
 
 Decoding multiplies a few rows by every weight matrix, so its speed is the speed of reading the
 weights: the matmul streams them over all cores (MKL runs a one-row product on one core), and the
