@@ -90,11 +90,13 @@ def attention(qkv, cos, sin, keys, values, mask, start: int, heads: int, scale: 
                           cpu_threads())[0]
 
 
-def copy_transposed(src: np.ndarray, dst: np.ndarray) -> bool:
+def copy_transposed(src: np.ndarray, dst: np.ndarray, build: bool = True) -> bool:
     """dst[...] = src.T, for a contiguous 2-D src and a dst with unit element stride (a block of
     columns of a weight matrix); in C++ when the operators are available (2-4x faster than numpy), and
-    then True."""
-    native = (available() and src.flags.c_contiguous and dst.strides[1] == dst.itemsize == src.itemsize
+    then True. Without `build`, only if they are loaded already (a GPU or NPU model does not build
+    them just for this)."""
+    loaded = available() if build else available.cache_info().currsize > 0 and available()
+    native = (loaded and src.flags.c_contiguous and dst.strides[1] == dst.itemsize == src.itemsize
               and dst.shape == src.shape[::-1] and _library().ernie_copy_transposed(
                   src.ctypes.data, dst.ctypes.data, *src.shape, src.shape[1], dst.strides[0] // dst.itemsize,
                   dst.itemsize, cpu_threads()) == 0)

@@ -89,6 +89,17 @@ def test_copy_transposed_writes_a_block_of_columns(kernels, dtype, monkeypatch):
     assert not held[:, :5].any() and not held[:, 42:].any()
 
 
+def test_loading_for_another_device_does_not_build_the_operators():
+    """A GPU or NPU model's -Paddle weights are transposed by numpy unless the operators are loaded
+    already: loading must not start a 20 s build of CPU kernels that the model will not use."""
+    code = ("import numpy as np\nfrom ernie_paddle import cpu_ops\n"
+            "src, dst = np.ones((3, 4), np.float32), np.zeros((4, 3), np.float32)\n"
+            "print(cpu_ops.copy_transposed(src, dst, build=False), cpu_ops.available.cache_info().currsize, dst.all())")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "0", "True"]
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("g++"),
                     reason="an x86-64 g++ is needed")
 @pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v4"])
