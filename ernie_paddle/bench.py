@@ -2,8 +2,9 @@
 
 Prompts are random token ids, and every run generates exactly its output length (an end-of-text
 token does not stop it). Decoding reads every weight once per step, so the achieved weight bandwidth
-is weight bytes / TPOT; `matmul_ceiling` measures what bare matmuls (Paddle's, and on CPU the
-decoding kernel's) allow over the same weights, one call per matrix.
+is weight bytes / TPOT; `matmul_ceiling` measures what bare matmuls allow over the same weights, one
+call per matrix: the decoding kernel's over the model's, Paddle's (on CPU over copies in its faster
+layout).
 """
 
 from __future__ import annotations

@@ -90,26 +90,28 @@ def attention(qkv, cos, sin, keys, values, mask, start: int, heads: int, scale: 
                           cpu_threads())[0]
 
 
-def copy_transposed(src: np.ndarray, dst: np.ndarray, build: bool = True) -> bool:
+def copy_transposed(src: np.ndarray, dst: np.ndarray) -> bool:
     """dst[...] = src.T, for a contiguous 2-D src and a dst with unit element stride (a block of
-    columns of a weight matrix); in C++ when the operators are available (2-4x faster than numpy), and
-    then True. Without `build`, only if they are loaded already (a GPU or NPU model does not build
-    them just for this)."""
-    loaded = available() if build else available.cache_info().currsize > 0 and available()
-    native = (loaded and src.flags.c_contiguous and dst.strides[1] == dst.itemsize == src.itemsize
-              and dst.shape == src.shape[::-1] and _library().ernie_copy_transposed(
-                  src.ctypes.data, dst.ctypes.data, *src.shape, src.shape[1], dst.strides[0] // dst.itemsize,
-                  dst.itemsize, cpu_threads()) == 0)
+    columns of a weight matrix). In C++ (2-4x numpy's speed) when `available()` has loaded the
+    operators already, and then True: loading a model does not build them just for this (a GPU or
+    NPU model, or bfloat16 compute on CPU, does not use them)."""
+    native = (_transpose is not None and src.flags.c_contiguous and dst.strides[1] == dst.itemsize == src.itemsize
+              and dst.shape == src.shape[::-1] and _transpose(src.ctypes.data, dst.ctypes.data, *src.shape, src.shape[1],
+                                                               dst.strides[0] // dst.itemsize, dst.itemsize,
+                                                               cpu_threads()) == 0)
     if not native:
         dst[...] = src.T
     return native
 
 
-@functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL:
-    library = ctypes.CDLL(str(cache_dir() / _build_key() / f"{LIBRARY}.so"))  # loaded already: the same handle
-    library.ernie_copy_transposed.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
-    return library
+_transpose = None  # csrc/cpu_transpose.cc's function, once available() has loaded the library
+
+
+def _load_transpose(library: Path):
+    global _transpose
+    function = ctypes.CDLL(str(library)).ernie_copy_transposed  # loaded by Paddle already: the same handle
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
+    _transpose = function
 
 
 def _run_custom_op(name, *args):
@@ -138,6 +140,7 @@ def available() -> bool:
             _build(library)
         try:
             import_paddle().base.core.load_op_meta_info_and_register_op(str(library))
+            _load_transpose(library)
         except Exception:
             library.unlink(missing_ok=True)  # unusable (a different Paddle, a damaged file): rebuilt next time
             raise

@@ -84,7 +84,7 @@ def _fill(param, ckpt: Checkpoint, group: mapping.Group, layout: str):
     dtype = str(param.dtype).removeprefix("paddle.")
     held = _host_view(param) if on_cpu else np.empty(param.shape, DTYPES[CODES[dtype]][1])
     if layout == "paddle":
-        _read_blocks(ckpt, group.paddle, held, dtype, transpose=group.how != mapping.COPY, build=on_cpu)
+        _read_blocks(ckpt, group.paddle, held, dtype, transpose=group.how != mapping.COPY)
     else:
         row = 0
         for name in group.pt:
@@ -104,10 +104,9 @@ def _host_view(param) -> np.ndarray:
     return np.ctypeslib.as_array(bits).reshape(param.shape)
 
 
-def _read_blocks(ckpt: Checkpoint, name: str, out: np.ndarray, dtype: str, transpose: bool = False,
-                 build: bool = True):
+def _read_blocks(ckpt: Checkpoint, name: str, out: np.ndarray, dtype: str, transpose: bool = False):
     """Read tensor `name` into `out` (same shape, or transposed when `transpose`; `dtype` storage) a
-    block of rows at a time; `build`: as cpu_ops.copy_transposed takes it."""
+    block of rows at a time."""
     info = ckpt.tensors[name]
     storage = DTYPES[CODES[info.dtype]][1]
     rows = out.T if transpose else out.reshape(out.shape[0], -1)  # the checkpoint's rows
@@ -123,7 +122,7 @@ def _read_blocks(ckpt: Checkpoint, name: str, out: np.ndarray, dtype: str, trans
                                      "re-download or re-convert it")
                 block = cast(block, ckpt.dtype(name), dtype).reshape(dst.shape)
                 if transpose:
-                    cpu_ops.copy_transposed(block, out[:, start:start + per_block], build)
+                    cpu_ops.copy_transposed(block, out[:, start:start + per_block])
                 else:
                     dst[...] = block
     except OSError as e:

@@ -156,10 +156,11 @@ std::vector<paddle::Tensor> CpuAttention(const paddle::Tensor& qkv_in, const pad
       rope(token + (H + g) * D, c + (b * T + t) * D, s + (b * T + t) * D, k_cache + at, D);
       std::memcpy(v_cache + at, token + (H + KV + g) * D, D * sizeof(float));
     }
-    // Query heads in blocks of at most 4 (the dot tiles' rows) of one kv head's group, split evenly,
-    // and into at least as many tasks as threads where the group allows.
-    const int64_t blocks = std::min(G, std::max((G + 3) / 4, (threads + B * KV - 1) / (B * KV)));
-    const int64_t per_block = (G + blocks - 1) / blocks, ldp = start + T + kLanes;  // ldp: softmax's padding
+    // Query heads in blocks of at most 4 (the dot tiles' rows) of one kv head's group, of near-equal
+    // sizes, and into at least as many tasks as threads where the group allows.
+    const int64_t wanted = std::min(G, std::max((G + 3) / 4, (threads + B * KV - 1) / (B * KV)));
+    const int64_t per_block = (G + wanted - 1) / wanted, blocks = (G + per_block - 1) / per_block;
+    const int64_t ldp = start + T + kLanes;  // softmax's padding
     std::vector<float> q(per_block * D), p(per_block * ldp);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < B * KV * blocks; ++task) {
