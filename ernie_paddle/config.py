@@ -27,6 +27,62 @@ PADDLE_CONFIG_KEY = "paddle_config"
 # Keys that only transformers writes; dropped on the way to -Paddle.
 PT_ONLY_KEYS = ("torch_dtype", "dtype", "rope_parameters", "transformers_version", "_name_or_path")
 
+# MoE keys of the published ERNIE 4.5 MoE configs (21B-A3B, 300B-A47B, -Paddle and -PT) and what the model
+# does with each. Honoured: MoeSettings below. Accepted with one value only: the ones transformers'
+# Ernie4_5_MoeForCausalLM implements; another value is refused, since it would compute something else.
+MOE_FIXED_VALUES = {
+    "moe_gate": ("topk",), "moe_gate_act": ("softmax",), "moe_use_aux_free": (True,),
+    "moe_norm_gate_logits": (True,), "use_rmsnorm": (True,), "use_bias": (False,), "rope_scaling": (None,),
+}
+# Read by training or by other engines only; nothing in inference depends on them.
+MOE_TRAINING_KEYS = ("moe_capacity", "moe_aux_loss_lambda", "moe_z_loss_lambda", "moe_orthogonal_loss_lambda",
+                     "moe_group_orthogonal_loss", "router_aux_loss_coef", "output_router_logits", "moe_group",
+                     "moe_dropout_prob", "moe_multimodal_dispatch_use_allgather", "moe_use_hard_gate",
+                     "multi_token_pred_lambda", "global_aux_loss", "use_recompute")
+# Multi-token-prediction layers: used for speculative decoding by engines; their tensors are skipped.
+MTP_KEYS = ("num_nextn_predict_layers", "num_mtp_layers")
+
+
+@dataclass(frozen=True)
+class MoeSettings:
+    """The mixture-of-experts part of an ERNIE 4.5 MoE config (transformers' Ernie4_5_MoeConfig)."""
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    num_shared_experts: int
+    layer_start: int
+    layer_end: int
+    layer_interval: int
+    norm_min: float
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (i + 1) % self.layer_interval == 0 and self.layer_start <= i <= self.layer_end
+
+
+def _moe_settings(raw: dict, layers: int, source: str) -> MoeSettings:
+    for key, allowed in MOE_FIXED_VALUES.items():
+        if key in raw and raw[key] not in allowed:
+            raise ErnieError(f"{source}: {key} = {raw[key]!r} is not supported (ERNIE 4.5 text MoE models use "
+                             f"{allowed[0]!r}, as transformers' Ernie4_5_MoeForCausalLM does)")
+    for key in ("moe_num_experts", "moe_intermediate_size", "moe_layer_start_index", "moe_layer_end_index", "moe_k"):
+        if isinstance(raw.get(key), (list, tuple)):
+            raise ErnieError(f"{source}: {key} is a list {raw[key]!r}: that is a multimodal (VL) ERNIE 4.5 "
+                             "config; only the text models are supported")
+    end = int(raw.get("moe_layer_end_index", -1))
+    moe = MoeSettings(
+        num_experts=int(raw.get("moe_num_experts", 64)), top_k=int(raw.get("moe_k", 6)),
+        intermediate_size=int(raw.get("moe_intermediate_size", 1536)),
+        num_shared_experts=int(raw.get("moe_num_shared_experts") or 0),
+        layer_start=int(raw.get("moe_layer_start_index", 1)), layer_end=layers - 1 if end == -1 else end,
+        layer_interval=int(raw.get("moe_layer_interval", 1)), norm_min=float(raw.get("moe_norm_min", 1e-12)))
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ErnieError(f"{source}: moe_k {moe.top_k} must be between 1 and moe_num_experts {moe.num_experts}")
+    if moe.intermediate_size < 1 or moe.num_shared_experts < 0 or moe.layer_interval < 1:
+        raise ErnieError(f"{source}: moe_intermediate_size, moe_num_shared_experts and moe_layer_interval "
+                         "must be positive")
+    return moe
+
+
 def read_json(path: Path) -> dict:
     """A JSON object file (config.json, tokenizer_config.json, ...); bad content is an ErnieError naming it."""
     try:
@@ -59,6 +115,7 @@ class ErnieConfig:
     compression_ratio: float = 1.0
     dtype: str = "bfloat16"
     kind: str = "dense"  # "dense" or "moe"
+    moe: MoeSettings | None = None
     extra: dict = field(default_factory=dict)  # every other key of the source file, carried over
 
     @property
@@ -114,6 +171,10 @@ class ErnieConfig:
                              f"num_key_value_heads {cfg.num_key_value_heads}")
         if cfg.hidden_act != "silu":
             raise ErnieError(f"{source}: hidden_act {cfg.hidden_act!r} is not supported (ERNIE 4.5 uses silu)")
+        if cfg.use_bias:
+            raise ErnieError(f"{source}: use_bias true is not supported (no ERNIE 4.5 text model has biases)")
+        if kind == "moe":
+            cfg.moe = _moe_settings(raw, cfg.num_hidden_layers, source)
         known = set(cls.__dataclass_fields__) | {"architectures", "model_type", "rope_parameters",
                                                  "torch_dtype", "dtype", PADDLE_CONFIG_KEY}
         cfg.extra = {k: v for k, v in raw.items() if k not in known}

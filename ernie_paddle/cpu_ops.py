@@ -1,4 +1,4 @@
-"""The CPU operators of csrc/ (the decoding matmul, attention, swiglu and RMSNorm) as Paddle custom operators: built
+"""The CPU operators of csrc/ (the decoding matmul and its MoE form, attention, swiglu and RMSNorm) as Paddle custom operators: built
 once per machine with Paddle's own extension builder, cached, and loaded in milliseconds afterwards.
 The same library has the transposing copy that loads -Paddle checkpoints, a plain C function.
 
@@ -30,8 +30,8 @@ from .device import cpu_threads, import_paddle
 
 LIBRARY = "ernie_cpu_ops"
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "cpu_matmul.cc", CSRC / "cpu_attention.cc", CSRC / "cpu_swiglu.cc", CSRC / "cpu_rms_norm.cc",
-           CSRC / "cpu_transpose.cc"]
+SOURCES = [CSRC / "cpu_matmul.cc", CSRC / "cpu_moe.cc", CSRC / "cpu_attention.cc", CSRC / "cpu_swiglu.cc",
+           CSRC / "cpu_rms_norm.cc", CSRC / "cpu_transpose.cc"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-w"]
 MAX_ROWS = 32  # above this (prefill), MKL's blocked GEMM is compute-bound and faster
 
@@ -62,6 +62,12 @@ def cache_dir() -> Path:
 def matmul(x, w, threads: int | None = None):
     """x [..., K] @ w^T for w [N, K]: x float32, w float32 or bfloat16, on CPU; after `available()`."""
     return _run_custom_op("ernie_cpu_matmul", x, w, threads or cpu_threads())[0]
+
+
+def grouped_matmul(x, w, offsets):
+    """Rows offsets[e]..offsets[e + 1] of x [R, K] @ w[e]^T for stacked w [E, N, K] (float32 or bfloat16),
+    `offsets` int64 [E + 1] on CPU: each used expert's matrix read once; after `available()`."""
+    return _run_custom_op("ernie_cpu_grouped_matmul", x, w, offsets, cpu_threads())[0]
 
 
 def widen(w):

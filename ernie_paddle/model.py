@@ -1,11 +1,11 @@
-"""The dense ERNIE 4.5 model as a Paddle dygraph Layer, in one file.
+"""The ERNIE 4.5 text models (dense, and MoE: 21B-A3B, 300B-A47B) as a Paddle dygraph Layer, in one file.
 
 The attention projection is one fused [Q | K | V] matrix and the MLP one fused [GATE | UP] matrix,
 as in the -Paddle checkpoints, but every weight matrix is held [out, in] (y = x @ W^T), as transformers
 holds them: the -Paddle checkpoint's [in, out] matrices are transposed as they load. The CPU decoding
 kernel reads 8 rows 1.5-1.7x as fast that way, and one row as fast (README "Speed").
-Numerics follow transformers' `Ernie4_5ForCausalLM`: RMSNorm statistics, interleaved RoPE and the
-attention softmax in float32, whatever the compute dtype.
+Numerics follow transformers' `Ernie4_5ForCausalLM` and `Ernie4_5_MoeForCausalLM`: RMSNorm statistics,
+interleaved RoPE, the attention softmax and the MoE router in float32, whatever the compute dtype.
 
 The weight matrices may be held in a narrower dtype than the computation: float32 on CPU over
 bfloat16 matrices (a bf16 checkpoint as it is stored), widened exactly where they are read.
@@ -193,13 +193,80 @@ class Attention(nn.Layer):
 
 
 class MLP(nn.Layer):
-    def __init__(self, config: ErnieConfig, weight_dtype: str):
+    def __init__(self, config: ErnieConfig, weight_dtype: str, intermediate_size: int | None = None):
         super().__init__()
-        self.up_gate_proj = _weight([2 * config.intermediate_size, config.hidden_size], weight_dtype)
-        self.down_proj = _weight([config.hidden_size, config.intermediate_size], weight_dtype)
+        size = intermediate_size or config.intermediate_size
+        self.up_gate_proj = _weight([2 * size, config.hidden_size], weight_dtype)
+        self.down_proj = _weight([config.hidden_size, size], weight_dtype)
 
     def forward(self, x):
         return project(swiglu(project(x, self.up_gate_proj)), self.down_proj)
+
+
+class MoE(nn.Layer):
+    """The mixture-of-experts MLP of the MoE models (21B-A3B, 300B-A47B), as transformers'
+    Ernie4_5_MoeSparseMoeBlock computes it: a float32 router chooses `top_k` experts by softmax score
+    plus a per-expert correction bias, weighs their outputs by the scores (without the bias)
+    renormalised to sum to 1, and the shared experts, one plain MLP, add theirs for every token.
+    The experts' matrices are stacked, [experts, out, in]."""
+
+    def __init__(self, config: ErnieConfig, weight_dtype: str):
+        super().__init__()
+        moe, hidden = config.moe, config.hidden_size
+        self.top_k, self.norm_min = moe.top_k, moe.norm_min
+        self.gate = _container(weight=_weight([moe.num_experts, hidden], "float32"))
+        self.moe_statics = _container(e_score_correction_bias=_weight([1, moe.num_experts], "float32"))
+        self.experts = _container(
+            up_gate_proj=_weight([moe.num_experts, 2 * moe.intermediate_size, hidden], weight_dtype),
+            down_proj=_weight([moe.num_experts, hidden, moe.intermediate_size], weight_dtype))
+        self.shared_experts = MLP(config, weight_dtype, moe.intermediate_size * moe.num_shared_experts) \
+            if moe.num_shared_experts else None
+
+    def forward(self, x):
+        h = x.reshape([-1, x.shape[-1]])
+        scores = F.softmax(project(h.astype("float32"), self.gate.weight), axis=-1)
+        _, chosen = paddle.topk(scores + self.moe_statics.e_score_correction_bias, self.top_k)
+        weights = paddle.take_along_axis(scores, chosen, axis=-1)
+        weights = weights / paddle.clip(weights.sum(-1, keepdim=True), min=self.norm_min)
+        out = routed_experts(h, chosen, weights.astype(x.dtype), self.experts.up_gate_proj, self.experts.down_proj)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(h)
+        return out.reshape(x.shape)
+
+
+def routed_experts(h, chosen, weights, up_gate, down):
+    """h [M, H] through the experts `chosen` [M, k], summed with `weights` [M, k]. The (token, expert)
+    pairs are sorted by expert, so that each chosen expert's matrices are read once for all its rows."""
+    rows, k = chosen.shape
+    experts = up_gate.shape[0]
+    flat = chosen.flatten()
+    order = paddle.argsort(flat, stable=True)
+    offsets = paddle.concat([paddle.zeros([1], "int64"),
+                             paddle.cumsum(paddle.bincount(flat, minlength=experts)).astype("int64")])
+    by_expert = paddle.gather(h, order // k)
+    out = project_grouped(swiglu(project_grouped(by_expert, up_gate, offsets)), down, offsets)
+    out = paddle.scatter(paddle.zeros_like(out), order, out)  # back to (token, slot) order
+    # Each token's k outputs added in slot order: the same sum alone and in a batch.
+    return (out.reshape([rows, k, -1]) * weights.unsqueeze(-1)).sum(1)
+
+
+def project_grouped(x, w, offsets):
+    """Rows offsets[e]..offsets[e + 1] of x [R, K] @ w[e]^T, for stacked matrices w [E, N, K]. On CPU
+    one kernel call that streams each used expert's matrix once (cpu_ops.py); elsewhere an expert at
+    a time."""
+    if w.place.is_cpu_place() and x.dtype == paddle.float32 and cpu_ops.available():
+        return cpu_ops.grouped_matmul(x, w, offsets)
+    bounds = offsets.numpy().tolist()
+    parts = [project(x[a:b], w[e]) for e, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a]
+    return paddle.concat(parts)
+
+
+def _container(**parameters) -> nn.Layer:
+    """A sublayer holding only parameters, for checkpoint names such as `mlp.gate.weight`."""
+    layer = nn.Layer()
+    for name, value in parameters.items():
+        setattr(layer, name, value)
+    return layer
 
 
 def swiglu(h):
@@ -210,12 +277,13 @@ def swiglu(h):
 
 
 class DecoderLayer(nn.Layer):
-    def __init__(self, config: ErnieConfig, dtype: str, weight_dtype: str):
+    def __init__(self, config: ErnieConfig, dtype: str, weight_dtype: str, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = Attention(config, dtype, weight_dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = MLP(config, weight_dtype)
+        moe = config.moe is not None and config.moe.is_moe_layer(index)
+        self.mlp = MoE(config, weight_dtype) if moe else MLP(config, weight_dtype)
 
     def forward(self, x, rotate, mask, cache_kv, start):
         x = x + self.self_attn(self.input_layernorm(x), rotate, mask, cache_kv, start)
@@ -223,7 +291,7 @@ class DecoderLayer(nn.Layer):
 
 
 class ErnieForCausalLM(nn.Layer):
-    """ERNIE 4.5 dense decoder. Parameter names are the -Paddle checkpoint names
+    """ERNIE 4.5 decoder, dense or MoE (config.moe). Parameter names are the -Paddle checkpoint names
     (`ernie.layers.0.self_attn.qkv_proj.weight` is `ernie.layers[0].self_attn.qkv_proj`).
     `dtype` is the computation's; `weight_dtype` that of the weight matrices and the embedding, by
     default the same (bfloat16 under float32 is the one mix `project` supports, on CPU)."""
@@ -235,16 +303,28 @@ class ErnieForCausalLM(nn.Layer):
         self.dtype_name, self.weight_dtype = dtype, weight_dtype
         self.ernie = nn.Layer()
         self.ernie.embed_tokens = _weight([config.vocab_size, config.hidden_size], weight_dtype)
-        self.ernie.layers = nn.LayerList([DecoderLayer(config, dtype, weight_dtype)
-                                          for _ in range(config.num_hidden_layers)])
+        self.ernie.layers = nn.LayerList([DecoderLayer(config, dtype, weight_dtype, i)
+                                          for i in range(config.num_hidden_layers)])
         self.ernie.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = None if config.tie_word_embeddings else \
             _weight([config.vocab_size, config.hidden_size], weight_dtype)
         self.rope = Rope(config)
 
+    def load_targets(self) -> dict[str, tuple[paddle.Tensor, int | None]]:
+        """Where each -Paddle checkpoint tensor goes (the Linear weights transposed: [out, in]):
+        (parameter, None), or (stacked experts' parameter, expert index) for an expert's matrix."""
+        out = {}
+        for name, p in self.named_parameters():
+            layer, _, last = name.rpartition(".")
+            if layer.endswith(".experts"):
+                out.update({f"{layer}.{e}.{last}.weight": (p, e) for e in range(p.shape[0])})
+            else:
+                out[_checkpoint_name(name)] = (p, None)
+        return out
+
     def weights(self) -> dict[str, paddle.Tensor]:
-        """Parameters by their -Paddle checkpoint name (the Linear weights transposed: [out, in])."""
-        return {_checkpoint_name(name): p for name, p in self.named_parameters()}
+        """The weights by -Paddle checkpoint name (Linear weights [out, in]; an expert's, a slice of its stack)."""
+        return {name: p if e is None else p[e] for name, (p, e) in self.load_targets().items()}
 
     def forward(self, input_ids, positions, mask, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False):

@@ -47,18 +47,25 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, progress: bool = Tru
         mapping.check_tied_head(config, {n: t.shape for n, t in ckpt.tensors.items()}, layout)
     except ErnieError as e:
         raise ErnieError(f"{ckpt.directory}: {e}") from None
-    groups, _ = mapping.plan(ckpt.names, layout, config.tie_word_embeddings)
-    params = model.weights()
+    groups, skipped = mapping.plan(ckpt.names, layout, config.tie_word_embeddings)
+    mtp = [name for name in skipped if mapping.SKIPPED.match(name)]
+    if mtp and progress:
+        print(f"ernie-paddle: skipping {len(mtp)} multi-token-prediction tensor{'s' * (len(mtp) > 1)} "
+              f"({mtp[0]}, ...): they serve speculative decoding in serving engines, not generation here",
+              file=sys.stderr)
+    params = model.load_targets()
     total = sum(info.nbytes for info in ckpt.tensors.values())
     from tqdm import tqdm
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", file=sys.stderr,
                disable=True if not progress or total < PROGRESS_BYTES else None)  # None: only on a terminal
     for group in groups:
         sources = [group.paddle] if layout == "paddle" else list(group.pt)
-        param = params.pop(group.paddle, None)
-        if param is None:
-            raise ErnieError(f"{ckpt.directory}: tensor {sources[0]!r} has no place in the dense ERNIE 4.5 model")
-        held = tuple(param.shape)
+        target = params.pop(group.paddle, None)
+        if target is None:
+            raise ErnieError(f"{ckpt.directory}: tensor {sources[0]!r} has no place in the {config.kind} ERNIE 4.5 "
+                             "model that config.json describes")
+        param, expert = target
+        held = tuple(param.shape[1:] if expert is not None else param.shape)
         shape = held if group.how == mapping.COPY else held[::-1]  # the -Paddle tensor's
         expected = [shape] if layout == "paddle" else mapping.pt_shapes(group, shape, config)
         for name, want in zip(sources, expected):
@@ -66,7 +73,7 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, progress: bool = Tru
             if info.shape != tuple(want):
                 raise ErnieError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but config.json "
                                  f"implies {list(want)}; the weights and config.json do not belong together")
-        _fill(param, ckpt, group, layout)
+        _fill(param, expert, ckpt, group, layout)
         bar.update(sum(ckpt.tensors[n].nbytes for n in sources))
     bar.close()
     if params:
@@ -74,15 +81,20 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, progress: bool = Tru
         raise ErnieError(f"{ckpt.directory}: tensor {name!r} (or its -PT parts) is missing from the checkpoint")
 
 
-def _fill(param, ckpt: Checkpoint, group: mapping.Group, layout: str):
-    """Write one parameter from its checkpoint tensors. The model holds a Linear weight [out, in], as
-    the -PT tensors are (a fused one as its -PT parts stacked), and -Paddle ones [in, out]: those are
-    transposed block by block as they are read. A CPU parameter is written in place through a numpy
-    view of its memory, so loading never holds a second whole copy of a tensor: peak memory stays
-    close to the weights themselves."""
+def _fill(param, expert: int | None, ckpt: Checkpoint, group: mapping.Group, layout: str):
+    """Write one parameter (or one expert's matrix of a stacked one) from its checkpoint tensors. The
+    model holds a Linear weight [out, in], as the -PT tensors are (a fused one as its -PT parts
+    stacked), and -Paddle ones [in, out]: those are transposed block by block as they are read. A CPU
+    parameter is written in place through a numpy view of its memory, so loading never holds a second
+    whole copy of a tensor: peak memory stays close to the weights themselves."""
     on_cpu = param.place.is_cpu_place()
     dtype = str(param.dtype).removeprefix("paddle.")
-    held = _host_view(param) if on_cpu else np.empty(param.shape, DTYPES[CODES[dtype]][1])
+    shape = param.shape[1:] if expert is not None else param.shape
+    if on_cpu:
+        held = _host_view(param)
+        held = held[expert] if expert is not None else held
+    else:
+        held = np.empty(shape, DTYPES[CODES[dtype]][1])
     if layout == "paddle":
         _read_blocks(ckpt, group.paddle, held, dtype, transpose=group.how != mapping.COPY)
     else:
@@ -91,8 +103,12 @@ def _fill(param, ckpt: Checkpoint, group: mapping.Group, layout: str):
             rows = ckpt.tensors[name].shape[0]
             _read_blocks(ckpt, name, held[row:row + rows], dtype)
             row += rows
-    if not on_cpu:
-        param.set_value(held)
+    if not on_cpu:  # Paddle takes uint16 numpy arrays as bf16 bits
+        if expert is None:
+            param.set_value(held)
+        else:
+            with paddle.no_grad():
+                param[expert] = paddle.to_tensor(held, place=param.place)
 
 
 def _host_view(param) -> np.ndarray:
@@ -131,7 +147,8 @@ def _read_blocks(ckpt: Checkpoint, name: str, out: np.ndarray, dtype: str, trans
 
 def resolve_weight_dtype(requested: str, place: str, dtype: str, ckpt: Checkpoint) -> str:
     """The dtype of the weight matrices for `from_pretrained(weight_dtype=requested)`."""
-    stored = {ckpt.dtype(n) for n, info in ckpt.tensors.items() if len(info.shape) == 2}
+    stored = {ckpt.dtype(n) for n, info in ckpt.tensors.items()
+              if len(info.shape) == 2 and not mapping.ROUTER.search(n)}  # the MoE router stays float32
     on_cpu = place == "cpu" and dtype == "float32"
     kernels = on_cpu and cpu_ops.available()  # built here the first time on this machine, not in a first request
     if requested in (None, "auto"):
@@ -158,9 +175,6 @@ class ErniePredictor:
         bandwidth), and is otherwise `dtype`. "float32" forces float32 copies."""
         directory = resolve_model_dir(str(model))
         config = ErnieConfig.from_dir(directory)
-        if config.kind != "dense":
-            raise ErnieError(f"{directory}: MoE ERNIE 4.5 models can be converted but not run yet; "
-                             "use FastDeploy or vLLM (`ernie-paddle deploy`)")
         place = devices.resolve(device)
         dtype = devices.resolve_dtype(place, dtype)
         ckpt = Checkpoint(directory)

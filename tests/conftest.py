@@ -31,8 +31,9 @@ def save_tiny_pt(directory, seed=0, dtype="float32", max_shard_size=None, **over
     return Ernie4_5ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
-def save_tiny_moe_pt(directory, seed=0, **overrides):
-    """Write a randomly initialised transformers `Ernie4_5_MoeForCausalLM` to `directory`."""
+def save_tiny_moe_pt(directory, seed=0, bias_range=(0.5, 1.5), **overrides):
+    """Write a randomly initialised transformers `Ernie4_5_MoeForCausalLM` to `directory`; returns the
+    torch model. The routers' correction biases are drawn from `bias_range`."""
     import torch
     from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
 
@@ -42,10 +43,36 @@ def save_tiny_moe_pt(directory, seed=0, **overrides):
     model = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**kwargs)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or "e_score_correction_bias" in name:
+            if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif "e_score_correction_bias" in name:
+                p.uniform_(*bias_range)
     model.save_pretrained(directory)
     return model
+
+
+def reference_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def reference_generate(model, prompts, n):
+    """transformers greedy generation of a left-padded batch; the generated ids of each row."""
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return [row[width:].tolist() for row in out]
+
+
+def upto_eos(ids):
+    """After eos (id 2) transformers pads a finished row; ours stops it: compare up to the first eos."""
+    return ids[:ids.index(2) + 1] if 2 in ids else ids
 
 
 @pytest.fixture

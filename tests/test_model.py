@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_tiny_pt
+from conftest import reference_generate, reference_logits, save_tiny_pt, upto_eos
 from ernie_paddle import ErniePredictor, cpu_ops
 from ernie_paddle.errors import ErnieError
 
@@ -18,26 +18,6 @@ CONFIGS = {
                          num_hidden_layers=3),
 }
 PROMPTS = [[5, 7, 9, 11, 3, 100, 150, 17, 23, 42, 8], [31, 4, 77], [120, 9, 9, 64, 18, 2 + 1]]
-
-
-def reference_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
-
-
-def reference_generate(model, prompts, n):
-    """transformers greedy generation of a left-padded batch; the generated ids of each row."""
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return [row[width:].tolist() for row in out]
-
-
-def upto_eos(ids):
-    """After eos (id 2) transformers pads a finished row; ours stops it: compare up to the first eos."""
-    return ids[:ids.index(2) + 1] if 2 in ids else ids
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
