@@ -1,6 +1,6 @@
 """The logit checker: ErniePredictor (the candidate) against a reference, prompt by prompt.
 
-The reference is transformers' `Ernie4_5ForCausalLM` in float32 on CPU, or ErniePredictor itself on CPU in
+The reference is transformers' `Ernie4_5ForCausalLM` (`Ernie4_5_MoeForCausalLM` for MoE models) in float32 on CPU, or ErniePredictor itself on CPU in
 float32 (to check a device or a dtype). Both sides see the same token ids; the metrics compare their
 probability distributions at the next token after each prompt and at every prompt position, and the tokens
 they generate greedily. `compare()` and the metric functions are the library; `run_check()` is the CLI.
@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .checkpoint import Checkpoint, resolve_model_dir
+from .config import PT_ARCHITECTURE, ErnieConfig
 from .errors import ErnieError
 
 # The eight prompts of the published Ascend accuracy table (the last one is cut short there).
@@ -207,17 +208,18 @@ def _paddle():
     return import_paddle()
 
 
-def import_torch_reference():
-    """torch and transformers' Ernie4_5ForCausalLM, or one line saying how to install them."""
+def import_torch_reference(kind: str = "dense"):
+    """torch and transformers' model class for a dense or MoE ERNIE 4.5, or one line saying how to install them."""
     try:
         import torch
         import transformers
     except ImportError:
         raise ErnieError(f"--reference transformers needs torch and transformers, which are not installed: "
                          f"{INSTALL_CHECK} (or use --reference cpu)") from None
-    model_class = getattr(transformers, "Ernie4_5ForCausalLM", None)
+    name = PT_ARCHITECTURE[kind]
+    model_class = getattr(transformers, name, None)
     if model_class is None:
-        raise ErnieError(f"transformers {transformers.__version__} has no Ernie4_5ForCausalLM (needs 4.54 or newer): "
+        raise ErnieError(f"transformers {transformers.__version__} has no {name} (needs 4.54 or newer): "
                          f"{INSTALL_CHECK}")
     return torch, model_class
 
@@ -232,7 +234,7 @@ def torch_available() -> bool:
 
 def transformers_side(directory: Path, eos_ids, pad_id: int, progress: bool = True) -> Side:
     """transformers' model in float32 on CPU; a -Paddle directory is converted to -PT in a temporary directory."""
-    torch, model_class = import_torch_reference()
+    torch, model_class = import_torch_reference(ErnieConfig.from_dir(directory).kind)
     from transformers import GenerationConfig, __version__
     from transformers.utils import logging as transformers_logging
 
@@ -259,7 +261,7 @@ def transformers_side(directory: Path, eos_ids, pad_id: int, progress: bool = Tr
                                  generation_config=GenerationConfig(max_new_tokens=n, **settings))
         return out[0, len(ids):].tolist()
 
-    return Side(f"transformers {__version__} Ernie4_5ForCausalLM, float32 on cpu", logits, generate)
+    return Side(f"transformers {__version__} {model_class.__name__}, float32 on cpu", logits, generate)
 
 
 def load_prompts(path: str | None) -> list[str]:

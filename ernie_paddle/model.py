@@ -222,12 +222,16 @@ class MoE(nn.Layer):
         self.shared_experts = MLP(config, weight_dtype, moe.intermediate_size * moe.num_shared_experts) \
             if moe.num_shared_experts else None
 
-    def forward(self, x):
-        h = x.reshape([-1, x.shape[-1]])
+    def route(self, h):
+        """The experts chosen for each row of h [M, H], [M, top_k] int64, and their weights, float32."""
         scores = F.softmax(project(h.astype("float32"), self.gate.weight), axis=-1)
         _, chosen = paddle.topk(scores + self.moe_statics.e_score_correction_bias, self.top_k)
         weights = paddle.take_along_axis(scores, chosen, axis=-1)
-        weights = weights / paddle.clip(weights.sum(-1, keepdim=True), min=self.norm_min)
+        return chosen, weights / paddle.clip(weights.sum(-1, keepdim=True), min=self.norm_min)
+
+    def forward(self, x):
+        h = x.reshape([-1, x.shape[-1]])
+        chosen, weights = self.route(h)
         out = routed_experts(h, chosen, weights.astype(x.dtype), self.experts.up_gate_proj, self.experts.down_proj)
         if self.shared_experts is not None:
             out = out + self.shared_experts(h)

@@ -75,6 +75,20 @@ def upto_eos(ids):
     return ids[:ids.index(2) + 1] if 2 in ids else ids
 
 
+def edited_copy(src, dst, edit):
+    """A copy of the checkpoint `src` with every tensor passed through `edit(name, array)`."""
+    import shutil
+
+    from ernie_paddle.checkpoint import Checkpoint, write_safetensors
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    ckpt = Checkpoint(src)
+    arrays = {name: edit(name, ckpt.read(name)) for name in ckpt.names}
+    write_safetensors(dst / "model.safetensors",
+                      [(name, ckpt.dtype(name), a.shape, lambda a=a: a) for name, a in arrays.items()], ckpt.metadata)
+    return dst
+
+
 @pytest.fixture
 def tiny_pt(tmp_path):
     """A tiny -PT model directory and its transformers model."""

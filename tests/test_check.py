@@ -1,18 +1,15 @@
 """The logit checker: its metrics, and `ernie-paddle check` on correct, broken and bf16 checkpoints."""
 
 import json
-import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import save_tiny_pt, save_tiny_tokenizer
+from conftest import edited_copy, save_tiny_pt, save_tiny_tokenizer
 from converters.convert import pt2paddle
 from ernie_paddle import check
 from ernie_paddle.demo import DEMO_MODEL
-from ernie_paddle.checkpoint import Checkpoint, write_safetensors
 from ernie_paddle.cli import main
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ErnieError
@@ -29,16 +26,6 @@ def models(tmp_path_factory):
     save_tiny_tokenizer(root / "PT", check.DEFAULT_PROMPTS)
     pt2paddle(root / "PT", root / "Paddle", progress=False)
     return root / "PT", root / "Paddle"
-
-
-def edited_copy(src: Path, dst: Path, edit) -> Path:
-    """A copy of the checkpoint `src` with every tensor passed through `edit(name, array)`."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
-    ckpt = Checkpoint(src)
-    arrays = {name: edit(name, ckpt.read(name)) for name in ckpt.names}
-    write_safetensors(dst / "model.safetensors",
-                      [(name, ckpt.dtype(name), a.shape, lambda a=a: a) for name, a in arrays.items()], ckpt.metadata)
-    return dst
 
 
 def gate_up_swapped(config):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import reference_generate, reference_logits, save_tiny_moe_pt, upto_eos
+from conftest import edited_copy, reference_generate, reference_logits, save_tiny_moe_pt, save_tiny_tokenizer, upto_eos
 from ernie_paddle import ErniePredictor, cpu_ops
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ErnieError
@@ -80,10 +80,8 @@ def routed(pred, layer: int, hidden: np.ndarray):
 
     moe = pred.model.ernie.layers[layer].mlp
     x = paddle.to_tensor(hidden)
-    scores = paddle.nn.functional.softmax(paddle.matmul(x, moe.gate.weight, transpose_y=True), axis=-1)
-    _, chosen = paddle.topk(scores + moe.moe_statics.e_score_correction_bias, moe.top_k)
     with paddle.no_grad():
-        return chosen.numpy(), moe(x.unsqueeze(0))[0].numpy()
+        return moe.route(x)[0].numpy(), moe(x.unsqueeze(0))[0].numpy()
 
 
 @pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "paddle-ops"])
@@ -204,3 +202,29 @@ def test_multi_token_prediction_tensors_are_skipped_with_a_note(tmp_path, capsys
     pred = ErniePredictor.from_pretrained(tmp_path / "mtp", device="cpu", dtype="float32")
     assert "1 multi-token-prediction tensor" in capsys.readouterr().err
     assert np.abs(pred.logits([PROMPTS[0]])[0] - reference_logits(reference, PROMPTS[0])).max() <= 1e-4
+
+
+def test_check_passes_a_conversion_and_flags_one_altered_expert(tmp_path, capsys):
+    """`ernie-paddle check --reference-model` on a MoE conversion against transformers; a copy with one
+    expert's weights altered fails (exit 1)."""
+    from converters.convert import pt2paddle
+    from ernie_paddle import check
+    from ernie_paddle.cli import main
+
+    save_tiny_moe_pt(tmp_path / "pt", seed=6, vocab_size=448, eos_token_id=447, bias_range=(0, 0.05))
+    save_tiny_tokenizer(tmp_path / "pt", check.DEFAULT_PROMPTS)
+    pt2paddle(tmp_path / "pt", tmp_path / "paddle", progress=False)
+    code = main(["check", "--device", "cpu", "--model", str(tmp_path / "paddle"), "--reference", "transformers",
+                 "--reference-model", str(tmp_path / "pt")])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "PASS" in out and "Ernie4_5_MoeForCausalLM" in out
+
+    rng = np.random.default_rng(0)
+    altered = edited_copy(tmp_path / "paddle", tmp_path / "altered", lambda name, a: (
+        rng.standard_normal(a.shape).astype(a.dtype) * a.std() if ".layers.1.mlp.experts.0." in name else a))
+    code = main(["check", "--device", "cpu", "--model", str(altered), "--reference", "cpu",
+                 "--reference-model", str(tmp_path / "pt"), "--greedy-tokens", "8"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert err.startswith("ernie-paddle check: FAIL prompt ")
