@@ -1,8 +1,8 @@
 """Latency / throughput / TPOT of greedy generation, for a grid of prompt and output lengths.
 
 Prompts are random token ids, and every run generates exactly its output length (an end-of-text
-token does not stop it). Decoding reads every weight once per step, so the achieved weight bandwidth
-is weight bytes / TPOT; `matmul_ceiling` measures what bare matmuls allow over the same weights, one
+token does not stop it). Decoding reads every weight once per step (of a MoE layer, the experts a
+token is routed to), so the achieved weight bandwidth is those bytes / TPOT; `matmul_ceiling` measures what bare matmuls allow over the same weights, one
 call per matrix: the decoding kernel's over the model's, Paddle's (on CPU over copies in its faster
 layout).
 """
@@ -39,7 +39,23 @@ class BenchRow:
 
 
 def weight_bytes(model) -> int:
+    """Bytes of every weight the model holds."""
     return sum(int(np.prod(p.shape)) * p.element_size() for p in model.parameters())
+
+
+def step_bytes(model) -> int:
+    """Weight bytes a batch-1 decode step reads: every matrix, but of a MoE layer's stacked experts only
+    the top_k a token is routed to, and of an untied embedding one row."""
+    moe = model.config.moe
+    total = 0
+    for p in model.parameters():
+        nbytes = int(np.prod(p.shape)) * p.element_size()
+        if len(p.shape) == 3:
+            nbytes = nbytes * moe.top_k // moe.num_experts
+        elif p is model.ernie.embed_tokens and model.lm_head is not None:
+            nbytes = p.shape[1] * p.element_size()
+        total += nbytes
+    return total
 
 
 def peak_memory(device: str) -> int | None:
@@ -72,12 +88,12 @@ def measure(model, input_len: int, output_len: int, batch: int = 1, repeat: int 
     ttft, latency = min((time_generation(model, prompts, output_len) for _ in range(repeat)), key=lambda r: r[1])
     tpot = (latency - ttft) / (output_len - 1) if output_len > 1 else 0.0
     return BenchRow(input_len, output_len, batch, latency, batch * output_len / latency, tpot, ttft,
-                    batch * input_len / ttft, weight_bytes(model) / tpot / 1e9 if tpot else 0.0)
+                    batch * input_len / ttft, step_bytes(model) / tpot / 1e9 if tpot else 0.0)
 
 
 def matmul_ceiling(model, device: str, repeat: int = 5, kernel: bool = False) -> float | None:
     """Seconds for one batch-1 pass of bare matmuls, one call per weight matrix (the tied embedding as
-    the lm_head): the bound for a decode step. With `kernel`, the CPU decoding kernel's over the weights
+    the lm_head; of a MoE layer's experts, the first top_k): the bound for a decode step. With `kernel`, the CPU decoding kernel's over the weights
     as the model holds them ([out, in]). Else `paddle.matmul`'s; on CPU over the -Paddle layout ([in,
     out]), which it reads 1.3x as fast as [out, in]: the pass runs over transposed copies made here (the
     weights' bytes again, freed after). The fastest of `repeat` passes. None for Paddle's when the
@@ -98,8 +114,16 @@ def matmul_ceiling(model, device: str, repeat: int = 5, kernel: bool = False) ->
             return transposed, w, x
         return paddle.matmul, w.t().contiguous(), x
 
-    products = [product(p) for p in model.parameters()
-                if len(p.shape) == 2 and (p is not embedding or model.lm_head is None)]
+    def experts_product(w):  # one row through each of the first top_k experts, as decoding reads them
+        k = model.config.moe.top_k
+        x = paddle.randn([k, w.shape[2]]).astype(model.dtype_name)
+        offsets = paddle.to_tensor(np.minimum(np.arange(w.shape[0] + 1), k).astype(np.int64))
+        if kernel:
+            return functools.partial(cpu_ops.grouped_matmul, offsets=offsets), w, x
+        return lambda x, w: [transposed(x[e:e + 1], w[e]) for e in range(k)], w, x
+
+    products = [experts_product(p) if len(p.shape) == 3 else product(p) for p in model.parameters()
+                if len(p.shape) >= 2 and (p is not embedding or model.lm_head is None)]
 
     def one_pass():
         for matmul, w, x in products:
@@ -172,25 +196,26 @@ def run_bench(args) -> int:
     rows = run(model, pred.device, input_lens, output_lens, args.batch, args.warmup, args.repeat)
     peak = peak_memory(pred.device)  # before the ceilings, which copy the weights
     ceiling_s, kernel_s = matmul_ceiling(model, pred.device), kernel_ceiling(model, pred.device)
-    nbytes = weight_bytes(model)
+    nbytes, read = weight_bytes(model), step_bytes(model)
 
+    active = f", {read / 1e9:.2f} GB read per token (the routed experts only)" if read != nbytes else ""
     print(f"{args.model} on {pred.device}, {pred.dtype} (weights held in {model.weight_dtype}), "
-          f"batch {args.batch}: weights {nbytes / 1e9:.2f} GB, "
+          f"batch {args.batch}: weights {nbytes / 1e9:.2f} GB{active}, "
           f"loaded in {load_s:.1f} s")
     print(format_table(rows))
     if ceiling_s:
         print(f"Paddle's bare matmuls over these weights: {1 / ceiling_s:.1f} tok/s at batch 1 "
-              f"({nbytes / ceiling_s / 1e9:.1f} GB/s)")
+              f"({read / ceiling_s / 1e9:.1f} GB/s)")
     else:
         print(f"Paddle's bare matmuls: none over {model.weight_dtype} weights in {pred.dtype} "
               "(--weight-dtype float32 measures them)")
     if kernel_s:
-        print(f"the CPU decoding kernel's bare matmuls: {1 / kernel_s:.1f} tok/s ({nbytes / kernel_s / 1e9:.1f} GB/s)")
+        print(f"the CPU decoding kernel's bare matmuls: {1 / kernel_s:.1f} tok/s ({read / kernel_s / 1e9:.1f} GB/s)")
     print(f"peak memory: {peak / 2**30:.2f} GiB" if peak else "peak memory: not reported by this device")
     if args.json_out:
         report = dict(model=str(args.model), device=pred.device, dtype=pred.dtype,
                       weight_dtype=model.weight_dtype, batch=args.batch,
-                      weight_bytes=nbytes, load_s=load_s, peak_memory_bytes=peak,
+                      weight_bytes=nbytes, step_bytes=read, load_s=load_s, peak_memory_bytes=peak,
                       matmul_ceiling_tps=1 / ceiling_s if ceiling_s else None, kernel_ceiling_tps=1 / kernel_s if kernel_s else None,
                       rows=[asdict(r) for r in rows])
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")

@@ -84,3 +84,20 @@ def test_bad_options_fail_in_one_line(capsys, model_dir, flag, value, message):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("ernie-paddle bench: error: ")
     assert message in lines[0]
+
+
+def test_moe_model_reports_the_bytes_of_the_routed_experts(tmp_path):
+    """A MoE step reads top_k of the experts: the bandwidth counts those bytes, not all the weights."""
+    from conftest import save_tiny_moe_pt
+
+    save_tiny_moe_pt(tmp_path / "moe", moe_num_experts=8, moe_k=2, moe_intermediate_size=32)
+    report = tmp_path / "moe.json"
+    run = subprocess.run([sys.executable, "-m", "ernie_paddle", "bench", "--model", str(tmp_path / "moe"),
+                          "--device", "cpu", "--input-lens", "3", "--output-lens", "4", "--json", str(report)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "GB read per token (the routed experts only)" in run.stdout
+    data = json.loads(report.read_text())
+    experts = 3 * 64 * 32 * 4 * 8  # MoE layer 1 of 2: up_gate [64, 64] + down [64, 32] of 8 experts, float32
+    assert data["weight_bytes"] - data["step_bytes"] == experts * 6 // 8  # 6 of 8 experts not read
+    assert data["matmul_ceiling_tps"] > 0 and ((data["kernel_ceiling_tps"] or 0) > 0 or not cpu_ops.available())
