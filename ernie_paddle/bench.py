@@ -43,12 +43,12 @@ def weight_bytes(model) -> int:
     return sum(int(np.prod(p.shape)) * p.element_size() for p in model.parameters())
 
 
-def step_bytes(model) -> int:
-    """Weight bytes a batch-1 decode step reads: every matrix, but of a MoE layer's stacked experts only
-    the top_k a token is routed to, and of an untied embedding one row."""
+def step_bytes(model, parameters=None) -> int:
+    """Weight bytes a batch-1 decode step reads (of `parameters`, by default all): every matrix, but of a
+    MoE layer's stacked experts only the top_k a token is routed to, and of an untied embedding one row."""
     moe = model.config.moe
     total = 0
-    for p in model.parameters():
+    for p in model.parameters() if parameters is None else parameters:
         nbytes = int(np.prod(p.shape)) * p.element_size()
         if len(p.shape) == 3:
             nbytes = nbytes * moe.top_k // moe.num_experts
