@@ -1,0 +1,120 @@
+"""What each serving engine release accepts, as data: one row per FastDeploy release (2.0 to 2.5),
+one per vLLM / vLLM-Ascend release supported. `deploy` validates, writes YAML keys and launch
+scripts from these rows only.
+
+Each FastDeploy row is the previous one plus what changed; every field names the engine source it
+mirrors (FastDeploy: develop-branch commits near each release cut, see spec/deploy-engine-rules.md;
+paths are relative to the FastDeploy repository)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+# fastdeploy/engine/args_utils.py (EngineArgs) and fastdeploy/entrypoints/openai/api_server.py: the
+# argparse dests; fastdeploy/utils.py FlexibleArgumentParser keeps a YAML key only if it is one.
+_FD_ARGS_2_0 = {
+    "model": str, "port": int, "host": str, "metrics_port": int, "workers": int, "tokenizer": str,
+    "max_model_len": int, "block_size": int, "max_num_seqs": int, "max_num_batched_tokens": int,
+    "tensor_parallel_size": int, "data_parallel_size": int, "gpu_memory_utilization": float,
+    "kv_cache_ratio": float, "engine_worker_queue_port": int, "cache_queue_port": int,
+    "quantization": str, "enable_prefix_caching": bool, "enable_chunked_prefill": bool,
+    "guided_decoding_backend": str, "reasoning_parser": str, "use_warmup": int, "swap_space": float,
+}
+# Added in 2.1 (args_utils.py at d4e3a2030); 2.0 also flattened dict values and then dropped them.
+_FD_ARGS_2_1 = {**_FD_ARGS_2_0, "max_concurrency": int, "load_choices": str, "enable_logprob": bool,
+                "seed": int, "speculative_config": dict, "graph_optimization_config": dict}
+# --served-model-name: added on develop 2025-08-21 (#3073, "Models api"), first released in 2.2.
+_FD_ARGS_2_2 = {**_FD_ARGS_2_1, "served_model_name": str}
+
+
+@dataclass(frozen=True)
+class FastDeployRelease:
+    version: str
+    args: dict               # YAML key -> value type
+    devices: tuple           # devices with a serving path in this release
+    pt_devices: tuple        # devices whose loader reads the -PT (torch) layout
+    kv_heads_split: bool     # True: TP must divide the KV heads; False: KV heads are replicated when TP > KV
+    tp_limit: int            # tensor-parallel ranks at most (per node from 2.1)
+    tp_limit_per_device: dict  # device -> per-node limit, where it differs from tp_limit
+    chunked_devices: tuple   # devices where chunked prefill or the V1 scheduler is on by default
+    default_batched_tokens: int | None  # max_num_batched_tokens unset, on chunked_devices
+    visible_devices_equal_tp: bool  # a preset CUDA/XPU_VISIBLE_DEVICES must list exactly TP devices
+    wint4_dense_as_wint8: bool      # wint4 on a dense ERNIE is rewritten to mix_quant (int8 dense)
+    dtype_and_new_transformers_is_torch: bool  # `dtype` + transformers_version > 4.56 means torch layout
+
+
+FASTDEPLOY_2_0 = FastDeployRelease(
+    version="2.0", args=_FD_ARGS_2_0,
+    devices=("gpu", "xpu"),  # platforms/iluvatar.py (#2684) and the DCU serving docs (#2756) came after 2.0
+    pt_devices=(),           # config.py read_model_config has no torch layout before 2.2
+    kv_heads_split=True,     # model_executor/layers/linear.py: divide(kv_heads, tp) asserts
+    tp_limit=8, tp_limit_per_device={},  # config.py FDConfig.check: 8 >= tp > 0
+    chunked_devices=(), default_batched_tokens=None,  # engine/args_utils.py: unset means max_model_len
+    visible_devices_equal_tp=True,  # engine/config.py: count of CUDA_VISIBLE_DEVICES == min(ranks, 8)
+    wint4_dense_as_wint8=False,     # worker/worker_process.py: wint4 -> mix_quant only if use_moe
+    dtype_and_new_transformers_is_torch=False,
+)
+FASTDEPLOY_2_1 = replace(
+    FASTDEPLOY_2_0, version="2.1", args=_FD_ARGS_2_1,
+    devices=("gpu", "xpu", "dcu", "iluvatar"),
+    tp_limit_per_device={"iluvatar": 16},  # config.py: max_chips_per_node 16 on Iluvatar, else 8
+    wint4_dense_as_wint8=True,  # worker/worker_process.py: the rewrite for every ERNIE architecture
+)
+FASTDEPLOY_2_2 = replace(
+    FASTDEPLOY_2_1, version="2.2", args=_FD_ARGS_2_2,
+    pt_devices=("gpu",),   # model_executor/utils.py v1_loader_support: cuda only
+    kv_heads_split=False,  # model_executor/layers/linear.py QKVParallelLinear replicates KV heads (#3697)
+    chunked_devices=("gpu", "xpu"), default_batched_tokens=2048,  # chunked prefill on by default (#3731)
+    visible_devices_equal_tp=False,  # the engine/config.py count assertion is gone
+)
+FASTDEPLOY_2_3 = replace(
+    FASTDEPLOY_2_2, version="2.3",
+    pt_devices=("gpu", "xpu"),  # model_executor/utils.py v1_loader_support: cuda and xpu
+    default_batched_tokens=8192,  # engine/args_utils.py create_engine_config with ENABLE_V1_KVCACHE_SCHEDULER
+)
+FASTDEPLOY_2_4 = replace(FASTDEPLOY_2_3, version="2.4")
+FASTDEPLOY_2_5 = replace(
+    FASTDEPLOY_2_4, version="2.5",
+    pt_devices=("gpu", "xpu", "iluvatar"),  # model_executor/utils.py v1_loader_support adds iluvatar
+    chunked_devices=("gpu", "xpu", "iluvatar"),  # the V1 scheduler on Iluvatar too (config.py)
+    dtype_and_new_transformers_is_torch=True,  # config.py read_model_config
+)
+FASTDEPLOY = {r.version: r for r in (FASTDEPLOY_2_0, FASTDEPLOY_2_1, FASTDEPLOY_2_2, FASTDEPLOY_2_3,
+                                     FASTDEPLOY_2_4, FASTDEPLOY_2_5)}
+DEFAULT_FASTDEPLOY_VERSION = "2.3"  # the first with the v1 loader as default and `fastdeploy serve`
+
+# config.py FDConfig.check, every release (develop raises the cap to 512 after 2.5, #6407).
+FASTDEPLOY_MAX_NUM_SEQS = 256
+FASTDEPLOY_MIN_MODEL_LEN = 16
+# config.py read_model_config (2.5): `dtype` with transformers_version above this means torch layout.
+FASTDEPLOY_TORCH_TRANSFORMERS_ABOVE = (4, 56, 0)
+
+# vLLM `--config` keys: long option names (vllm/engine/arg_utils.py, vllm/entrypoints/openai/cli_args.py);
+# vllm/utils/argparse_utils.py load_config_file turns each into `--key value`.
+VLLM_ARGS = {
+    "host": str, "port": int, "served-model-name": str, "tokenizer": str, "dtype": str,
+    "max-model-len": int, "max-num-seqs": int, "max-num-batched-tokens": int,
+    "tensor-parallel-size": int, "gpu-memory-utilization": float, "kv-cache-memory-bytes": int,
+    "enforce-eager": bool, "enable-prefix-caching": bool, "seed": int, "quantization": str,
+    "block-size": int, "trust-remote-code": bool, "generation-config": str,
+}
+
+
+@dataclass(frozen=True)
+class VllmRelease:
+    engine: str
+    version: str
+    devices: tuple
+    requirements: str  # what else must be installed, as the release pins it
+
+
+VLLM = {
+    # vllm/config/model.py: heads % tp == 0, KV heads replicated (get_num_kv_heads); max_model_len at
+    # most min(max_position_embeddings, tokenizer_config model_max_length) (_get_and_verify_max_len);
+    # vllm/config/scheduler.py: max_num_batched_tokens >= max_num_seqs. The same in every release here.
+    "vllm": VllmRelease("vllm", "0.32.0", ("gpu", "cpu"),
+                        "transformers >= 4.54 (the ernie4_5 config classes; no trust_remote_code)"),
+    # vllm-ascend releases/v0.18.0: requirements.txt pins torch-npu 2.9.0; its installation docs use CANN 8.5.1.
+    "vllm-ascend": VllmRelease("vllm-ascend", "0.18.0", ("npu",),
+                               "vllm 0.18.0 exactly, torch-npu 2.9.0, CANN 8.5.1"),
+}
