@@ -494,9 +494,10 @@ def _notes(plan: Plan, config: ErnieConfig) -> list[str]:
                      "which FastDeploy would read as the Paddle layout; the variable forces the torch layout.")
     if s.get("load_choices"):
         notes.append("load_choices default_v1: the v1 loader, needed for -PT and faster for -Paddle.")
-    if plan.release and plan.release.visible_devices_equal_tp:
-        notes.append(f"FastDeploy {plan.release.version} needs {VISIBLE_DEVICES[plan.device]} to list exactly "
-                     f"{tp} device(s): launch.sh checks a preset value.")
+    counted = plan.release.counted_visible_devices.get(plan.device) if plan.release else None
+    if counted:
+        notes.append(f"FastDeploy {plan.release.version} needs {counted}, when set, to list exactly {tp} "
+                     "device(s): launch.sh checks it.")
     if plan.release and plan.device not in plan.release.chunked_devices:
         notes.append(f"No chunked prefill on {plan.device} in FastDeploy {plan.release.version}: "
                      "max_num_batched_tokens must be at least max_model_len.")
@@ -532,12 +533,12 @@ def _launch_script(plan: Plan) -> str:
     lines += [f'export {name}="${{{name}:-{value}}}"' for name, value in plan.env.items()]
     lines += [f"export {name}={value}" for name, value in plan.fixed_env.items()]
     tp = plan.settings["tensor_parallel_size"]
-    if plan.release and plan.release.visible_devices_equal_tp:
-        var = VISIBLE_DEVICES[plan.device]
-        lines += [f'IFS=, read -ra ids <<< "${var}"',
-                  f'if [ "${{#ids[@]}}" -ne {tp} ]; then',
-                  f'  echo "launch.sh: FastDeploy {plan.release.version} needs {var} to list exactly {tp} '
-                  f'device(s) (tensor parallel {tp}), got \'${var}\'" >&2',
+    counted = plan.release.counted_visible_devices.get(plan.device) if plan.release else None
+    if counted:
+        lines += [f'IFS=, read -ra ids <<< "${{{counted}:-}}"',
+                  f'if [ -n "${{{counted}:-}}" ] && [ "${{#ids[@]}}" -ne {tp} ]; then',
+                  f'  echo "launch.sh: FastDeploy {plan.release.version} needs {counted} to list exactly {tp} '
+                  f'device(s) (tensor parallel {tp}), got \'${counted}\'" >&2',
                   "  exit 2",
                   "fi"]
     if plan.quantization == "block_wise_fp8":

@@ -39,7 +39,7 @@ class FastDeployRelease:
     tp_limit_per_device: dict  # device -> per-node limit, where it differs from tp_limit
     chunked_devices: tuple   # devices where chunked prefill or the V1 scheduler is on by default
     default_batched_tokens: int | None  # max_num_batched_tokens unset, on chunked_devices
-    visible_devices_equal_tp: bool  # a preset CUDA/XPU_VISIBLE_DEVICES must list exactly TP devices
+    counted_visible_devices: dict   # device -> the variable that, when set, must list exactly TP devices
     wint4_dense_as_wint8: bool      # wint4 on a dense ERNIE is rewritten to mix_quant (int8 dense)
     dtype_and_new_transformers_is_torch: bool  # `dtype` + transformers_version > 4.56 means torch layout
 
@@ -51,7 +51,8 @@ FASTDEPLOY_2_0 = FastDeployRelease(
     kv_heads_split=True,     # model_executor/layers/linear.py: divide(kv_heads, tp) asserts
     tp_limit=8, tp_limit_per_node=False, tp_limit_per_device={},  # config.py FDConfig.check: 8 >= tp > 0
     chunked_devices=(), default_batched_tokens=None,  # engine/args_utils.py: unset means max_model_len
-    visible_devices_equal_tp=True,  # engine/config.py: count of CUDA_VISIBLE_DEVICES == min(ranks, 8)
+    # engine/config.py postprocess: the count of CUDA_VISIBLE_DEVICES (read on every device) == min(ranks, 8)
+    counted_visible_devices={"gpu": "CUDA_VISIBLE_DEVICES", "xpu": "CUDA_VISIBLE_DEVICES"},
     wint4_dense_as_wint8=False,     # worker/worker_process.py: wint4 -> mix_quant only if use_moe
     dtype_and_new_transformers_is_torch=False,
 )
@@ -59,25 +60,31 @@ FASTDEPLOY_2_1 = replace(
     FASTDEPLOY_2_0, version="2.1", args=_FD_ARGS_2_1,
     devices=("gpu", "xpu", "dcu", "iluvatar"), tp_limit_per_node=True,  # config.py: nnode / --ips
     tp_limit_per_device={"iluvatar": 16},  # config.py: max_chips_per_node 16 on Iluvatar, else 8
+    # engine/config.py postprocess: XPU_VISIBLE_DEVICES on XPU, CUDA_VISIBLE_DEVICES elsewhere
+    counted_visible_devices={"gpu": "CUDA_VISIBLE_DEVICES", "xpu": "XPU_VISIBLE_DEVICES",
+                             "dcu": "CUDA_VISIBLE_DEVICES", "iluvatar": "CUDA_VISIBLE_DEVICES"},
     wint4_dense_as_wint8=True,  # worker/worker_process.py: the rewrite for every ERNIE architecture
 )
 FASTDEPLOY_2_2 = replace(
     FASTDEPLOY_2_1, version="2.2", args=_FD_ARGS_2_2,
     pt_devices=("gpu",),   # model_executor/utils.py v1_loader_support: cuda only
     kv_heads_split=False,  # model_executor/layers/linear.py QKVParallelLinear replicates KV heads (#3697)
-    chunked_devices=("gpu", "xpu"), default_batched_tokens=2048,  # chunked prefill on by default (#3731)
-    visible_devices_equal_tp=False,  # the engine/config.py count assertion is gone
+    # engine/args_utils.py: enable_chunked_prefill defaults to True (and store_true cannot turn it off)
+    chunked_devices=("gpu", "xpu", "dcu", "iluvatar"), default_batched_tokens=2048,
+    counted_visible_devices={},  # the engine/config.py count assertion is gone
 )
 FASTDEPLOY_2_3 = replace(
     FASTDEPLOY_2_2, version="2.3",
     pt_devices=("gpu", "xpu"),  # model_executor/utils.py v1_loader_support: cuda and xpu
-    default_batched_tokens=8192,  # engine/args_utils.py create_engine_config with ENABLE_V1_KVCACHE_SCHEDULER
+    # envs.py: ENABLE_V1_KVCACHE_SCHEDULER defaults to 1, engine/args_utils.py turns it off except on
+    # cuda / xpu, where create_engine_config then takes 8192; chunked prefill is off by default again.
+    chunked_devices=("gpu", "xpu"), default_batched_tokens=8192,
 )
 FASTDEPLOY_2_4 = replace(FASTDEPLOY_2_3, version="2.4")
 FASTDEPLOY_2_5 = replace(
     FASTDEPLOY_2_4, version="2.5",
     pt_devices=("gpu", "xpu", "iluvatar"),  # model_executor/utils.py v1_loader_support adds iluvatar
-    chunked_devices=("gpu", "xpu", "iluvatar"),  # the V1 scheduler on Iluvatar too (config.py)
+    chunked_devices=("gpu", "xpu", "iluvatar"),  # engine/args_utils.py: the V1 scheduler on Iluvatar too
     dtype_and_new_transformers_is_torch=True,  # config.py read_model_config
 )
 FASTDEPLOY = {r.version: r for r in (FASTDEPLOY_2_0, FASTDEPLOY_2_1, FASTDEPLOY_2_2, FASTDEPLOY_2_3,

@@ -157,6 +157,7 @@ PER_RELEASE = {
          "max_model_len (32768)"),
         ("paddle", fastdeploy("2.3", "--max-num-batched-tokens", "4096"), None),
         ("paddle", fastdeploy("2.3", "--device", "dcu", "--max-num-batched-tokens", "8192"), "without chunked prefill"),
+        ("paddle", fastdeploy("2.2", "--device", "dcu", "--max-num-batched-tokens", "8192"), None),  # chunked
         ("paddle", fastdeploy("2.4", "--device", "iluvatar", "--max-num-batched-tokens", "8192"), "without chunked prefill"),
         ("paddle", fastdeploy("2.5", "--device", "iluvatar", "--max-num-batched-tokens", "8192"), None),
         ("paddle", fastdeploy("2.3", "--max-num-batched-tokens", "32", "--max-num-seqs", "8"),
@@ -254,19 +255,22 @@ def launch(script: Path, bin_dir: Path, **env) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(script)], env=environment, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("version", list(deploy.FASTDEPLOY))
-def test_preset_visible_devices_must_match_tp_on_2_0_and_2_1(capsys, models, tmp_path, version):
+@pytest.mark.parametrize("version,device", [(v, "gpu") for v in deploy.FASTDEPLOY] + [("2.0", "xpu"), ("2.1", "xpu")])
+def test_preset_visible_devices_must_match_tp_on_2_0_and_2_1(capsys, models, tmp_path, version, device):
+    """2.0 counts CUDA_VISIBLE_DEVICES on every device, 2.1 XPU_VISIBLE_DEVICES on XPU; 2.2+ count nothing."""
     assert run(capsys, "fastdeploy", models / "paddle", tmp_path / "d", "--no-port-check",
-               "--fastdeploy-version", version)[0] == 0
+               "--fastdeploy-version", version, "--device", device)[0] == 0
     bin_dir = tmp_path / "bin"
-    stub(bin_dir, "python", 'echo "engine started with $CUDA_VISIBLE_DEVICES"\n')
-    started = launch(tmp_path / "d" / "launch.sh", bin_dir, CUDA_VISIBLE_DEVICES="0,1,2,3")
-    if deploy.FASTDEPLOY[version].visible_devices_equal_tp:
+    stub(bin_dir, "python", "echo engine started\n")
+    counted = {("2.0", "xpu"): "CUDA_VISIBLE_DEVICES", ("2.1", "xpu"): "XPU_VISIBLE_DEVICES"}.get(
+        (version, device), "CUDA_VISIBLE_DEVICES")
+    started = launch(tmp_path / "d" / "launch.sh", bin_dir, **{counted: "0,1,2,3"})
+    if version in ("2.0", "2.1"):
         assert started.returncode == 2
-        assert f"FastDeploy {version} needs CUDA_VISIBLE_DEVICES to list exactly 1 device(s)" in started.stderr
-        assert launch(tmp_path / "d" / "launch.sh", bin_dir, CUDA_VISIBLE_DEVICES="3").stdout == "engine started with 3\n"
+        assert f"FastDeploy {version} needs {counted} to list exactly 1 device(s)" in started.stderr
+        assert launch(tmp_path / "d" / "launch.sh", bin_dir, **{counted: "3"}).stdout == "engine started\n"
     else:
-        assert started.stdout == "engine started with 0,1,2,3\n"
+        assert started.stdout == "engine started\n"
 
 
 def test_block_wise_fp8_gate_reads_the_selected_gpus(capsys, models, tmp_path):
