@@ -3,8 +3,9 @@ one per vLLM / vLLM-Ascend release supported. `deploy` validates, writes YAML ke
 scripts from these rows only.
 
 Each FastDeploy row is the previous one plus what changed; every field names the engine source it
-mirrors (FastDeploy: develop-branch commits near each release cut, see spec/deploy-engine-rules.md;
-paths are relative to the FastDeploy repository)."""
+mirrors, a path in the FastDeploy repository (read at develop commits near each release cut: 2.0
+92c2cfa2e, 2.1 d4e3a2030, 2.2 0297127a9, 2.3 aec1a8488; 2.4 / 2.5 on their release branches; a
+pull-request number dates a change)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ FASTDEPLOY_2_0 = FastDeployRelease(
     version="2.0", args=_FD_ARGS_2_0,
     devices=("gpu", "xpu"),  # platforms/iluvatar.py (#2684) and the DCU serving docs (#2756) came after 2.0
     pt_devices=(),           # config.py read_model_config has no torch layout before 2.2
-    kv_heads_split=True,     # model_executor/layers/linear.py: divide(kv_heads, tp) asserts
+    # model_executor/layers/linear.py: divide(kv_heads, tp) asserts; 2.1 skips it for tp % kv == 0 but
+    # loads replicated KV heads only from 2.2 (num_kv_head_replicas, #3697)
+    kv_heads_split=True,
     tp_limit=8, tp_limit_per_node=False, tp_limit_per_device={},  # config.py FDConfig.check: 8 >= tp > 0
     chunked_devices=(), default_batched_tokens=None,  # engine/args_utils.py: unset means max_model_len
     # engine/config.py postprocess: the count of CUDA_VISIBLE_DEVICES (read on every device) == min(ranks, 8)
@@ -68,7 +71,7 @@ FASTDEPLOY_2_1 = replace(
 FASTDEPLOY_2_2 = replace(
     FASTDEPLOY_2_1, version="2.2", args=_FD_ARGS_2_2,
     pt_devices=("gpu",),   # model_executor/utils.py v1_loader_support: cuda only
-    kv_heads_split=False,  # model_executor/layers/linear.py QKVParallelLinear replicates KV heads (#3697)
+    kv_heads_split=False,  # model_executor/layers/linear.py QKVParallelLinear loads replicated KV heads
     # engine/args_utils.py: enable_chunked_prefill defaults to True (and store_true cannot turn it off)
     chunked_devices=("gpu", "xpu", "dcu", "iluvatar"), default_batched_tokens=2048,
     counted_visible_devices={},  # the engine/config.py count assertion is gone
@@ -80,11 +83,13 @@ FASTDEPLOY_2_3 = replace(
     # cuda / xpu, where create_engine_config then takes 8192; chunked prefill is off by default again.
     chunked_devices=("gpu", "xpu"), default_batched_tokens=8192,
 )
-FASTDEPLOY_2_4 = replace(FASTDEPLOY_2_3, version="2.4")
+FASTDEPLOY_2_4 = replace(
+    FASTDEPLOY_2_3, version="2.4",
+    pt_devices=("gpu", "xpu", "iluvatar"),  # model_executor/utils.py v1_loader_support adds iluvatar (#4774)
+)
 FASTDEPLOY_2_5 = replace(
     FASTDEPLOY_2_4, version="2.5",
-    pt_devices=("gpu", "xpu", "iluvatar"),  # model_executor/utils.py v1_loader_support adds iluvatar
-    chunked_devices=("gpu", "xpu", "iluvatar"),  # engine/args_utils.py: the V1 scheduler on Iluvatar too
+    chunked_devices=("gpu", "xpu", "iluvatar"),  # engine/args_utils.py: the V1 scheduler on Iluvatar too (#5555)
     dtype_and_new_transformers_is_torch=True,  # config.py read_model_config
 )
 FASTDEPLOY = {r.version: r for r in (FASTDEPLOY_2_0, FASTDEPLOY_2_1, FASTDEPLOY_2_2, FASTDEPLOY_2_3,
