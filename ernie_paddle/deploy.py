@@ -21,9 +21,9 @@ import yaml
 
 from .checkpoint import Checkpoint
 from .config import ErnieConfig
-from .deploy_rules import (DEFAULT_FASTDEPLOY_VERSION, FASTDEPLOY, FASTDEPLOY_MAX_NUM_SEQS,
-                           FASTDEPLOY_MIN_MODEL_LEN, FASTDEPLOY_TORCH_TRANSFORMERS_ABOVE, VLLM,
-                           FastDeployRelease)
+from .deploy_rules import (DEFAULT_FASTDEPLOY_VERSION, FASTDEPLOY, FASTDEPLOY_BATCHED_TOKENS_CHUNKED,
+                           FASTDEPLOY_BATCHED_TOKENS_V1, FASTDEPLOY_MAX_NUM_SEQS, FASTDEPLOY_MIN_MODEL_LEN,
+                           FASTDEPLOY_TORCH_TRANSFORMERS_ABOVE, VLLM, FastDeployRelease)
 from .errors import ErnieError
 
 # Per engine: the config file name, how options are spelled in it, defaults (per device where they
@@ -302,8 +302,7 @@ def _sizes(args, engine: str, device: str, release: FastDeployRelease | None, co
                          "(vllm/config/scheduler.py); raise it or lower --max-num-seqs")
     if batched is not None:
         sizes["max_num_batched_tokens"] = batched
-    gpu_memory = getattr(args, "gpu_memory_utilization", None)
-    if device == "cpu" and gpu_memory is None:
+    if device == "cpu" and getattr(args, "gpu_memory_utilization", None) is None:
         # On CPU vLLM reads gpu_memory_utilization as a share of host RAM (v1/worker/cpu_worker.py); an
         # explicit KV cache size is the same on every machine: the cache for max_num_seqs full sequences.
         dtype = _option(args, "dtype", VLLM_DTYPE[device])
@@ -327,11 +326,12 @@ def _fastdeploy_start_checks(release: FastDeployRelease, device: str, max_model_
         raise ErnieError(f"--max-num-seqs {max_num_seqs}: FastDeploy accepts 1 to {FASTDEPLOY_MAX_NUM_SEQS}")
     if max_model_len < FASTDEPLOY_MIN_MODEL_LEN:
         raise ErnieError(f"--max-model-len {max_model_len}: FastDeploy needs at least {FASTDEPLOY_MIN_MODEL_LEN}")
-    chunked = device in release.chunked_devices
+    v1, chunked = device in release.v1_devices, device in release.chunked_devices
     if batched is not None:
         tokens, flag, origin = batched, f"--max-num-batched-tokens {batched}", ""
     else:
-        tokens = release.default_batched_tokens if chunked else max_model_len
+        tokens = (FASTDEPLOY_BATCHED_TOKENS_V1 if v1 else FASTDEPLOY_BATCHED_TOKENS_CHUNKED if chunked
+                  else max_model_len)
         flag = f"--max-model-len {max_model_len} --max-num-seqs {max_num_seqs}"
         origin = (f" (FastDeploy {release.version} on {device} takes {tokens} when --max-num-batched-tokens "
                   "is not given)")
@@ -343,7 +343,7 @@ def _fastdeploy_start_checks(release: FastDeployRelease, device: str, max_model_
         raise ErnieError(f"{flag}: {where} needs max_num_batched_tokens ({tokens}) at most max_model_len x "
                          f"max_num_seqs = {max_model_len * max_num_seqs}{origin}; pass --max-num-batched-tokens "
                          f"{max_model_len * max_num_seqs} or less")
-    if not chunked and tokens < max_model_len:
+    if not chunked and not v1 and tokens < max_model_len:
         raise ErnieError(f"{flag}: {where} runs without chunked prefill, so max_num_batched_tokens ({tokens}) "
                          f"must be at least max_model_len ({max_model_len})")
     if chunked and tokens < block_size:
@@ -498,7 +498,10 @@ def _notes(plan: Plan, config: ErnieConfig) -> list[str]:
     if counted:
         notes.append(f"FastDeploy {plan.release.version} needs {counted}, when set, to list exactly {tp} "
                      "device(s): launch.sh checks it.")
-    if plan.release and plan.device not in plan.release.chunked_devices:
+    if plan.release and plan.device in plan.release.v1_devices:
+        notes.append(f"kv_cache_ratio has no effect here: FastDeploy {plan.release.version} runs the V1 KV-cache "
+                     f"scheduler on {plan.device}; max_num_batched_tokens defaults to {FASTDEPLOY_BATCHED_TOKENS_V1}.")
+    elif plan.release and plan.device not in plan.release.chunked_devices:
         notes.append(f"No chunked prefill on {plan.device} in FastDeploy {plan.release.version}: "
                      "max_num_batched_tokens must be at least max_model_len.")
     if plan.device in DEVICE_ENV or plan.device in BLOCK_SIZE:

@@ -38,8 +38,8 @@ class FastDeployRelease:
     tp_limit: int            # tensor-parallel ranks at most
     tp_limit_per_node: bool  # False: in all; True: per node (more ranks need several nodes)
     tp_limit_per_device: dict  # device -> per-node limit, where it differs from tp_limit
-    chunked_devices: tuple   # devices where chunked prefill or the V1 scheduler is on by default
-    default_batched_tokens: int | None  # max_num_batched_tokens unset, on chunked_devices
+    chunked_devices: tuple   # devices where chunked prefill is on by default
+    v1_devices: tuple        # devices where the V1 KV-cache scheduler is on by default
     counted_visible_devices: dict   # device -> the variable that, when set, must list exactly TP devices
     wint4_dense_as_wint8: bool      # wint4 on a dense ERNIE is rewritten to mix_quant (int8 dense)
     dtype_and_new_transformers_is_torch: bool  # `dtype` + transformers_version > 4.56 means torch layout
@@ -53,7 +53,7 @@ FASTDEPLOY_2_0 = FastDeployRelease(
     # loads replicated KV heads only from 2.2 (num_kv_head_replicas, #3697)
     kv_heads_split=True,
     tp_limit=8, tp_limit_per_node=False, tp_limit_per_device={},  # config.py FDConfig.check: 8 >= tp > 0
-    chunked_devices=(), default_batched_tokens=None,  # engine/args_utils.py: unset means max_model_len
+    chunked_devices=(), v1_devices=(),
     # engine/config.py postprocess: the count of CUDA_VISIBLE_DEVICES (read on every device) == min(ranks, 8)
     counted_visible_devices={"gpu": "CUDA_VISIBLE_DEVICES", "xpu": "CUDA_VISIBLE_DEVICES"},
     wint4_dense_as_wint8=False,     # worker/worker_process.py: wint4 -> mix_quant only if use_moe
@@ -73,15 +73,15 @@ FASTDEPLOY_2_2 = replace(
     pt_devices=("gpu",),   # model_executor/utils.py v1_loader_support: cuda only
     kv_heads_split=False,  # model_executor/layers/linear.py QKVParallelLinear loads replicated KV heads
     # engine/args_utils.py: enable_chunked_prefill defaults to True (and store_true cannot turn it off)
-    chunked_devices=("gpu", "xpu", "dcu", "iluvatar"), default_batched_tokens=2048,
+    chunked_devices=("gpu", "xpu", "dcu", "iluvatar"),
     counted_visible_devices={},  # the engine/config.py count assertion is gone
 )
 FASTDEPLOY_2_3 = replace(
     FASTDEPLOY_2_2, version="2.3",
     pt_devices=("gpu", "xpu"),  # model_executor/utils.py v1_loader_support: cuda and xpu
     # envs.py: ENABLE_V1_KVCACHE_SCHEDULER defaults to 1, engine/args_utils.py turns it off except on
-    # cuda / xpu, where create_engine_config then takes 8192; chunked prefill is off by default again.
-    chunked_devices=("gpu", "xpu"), default_batched_tokens=8192,
+    # cuda / xpu; chunked prefill is on by default on cuda only.
+    chunked_devices=("gpu",), v1_devices=("gpu", "xpu"),
 )
 FASTDEPLOY_2_4 = replace(
     FASTDEPLOY_2_3, version="2.4",
@@ -89,13 +89,17 @@ FASTDEPLOY_2_4 = replace(
 )
 FASTDEPLOY_2_5 = replace(
     FASTDEPLOY_2_4, version="2.5",
-    chunked_devices=("gpu", "xpu", "iluvatar"),  # engine/args_utils.py: the V1 scheduler on Iluvatar too (#5555)
+    v1_devices=("gpu", "xpu", "iluvatar"),  # engine/args_utils.py: the V1 scheduler on Iluvatar too (#5555)
     dtype_and_new_transformers_is_torch=True,  # config.py read_model_config
 )
 FASTDEPLOY = {r.version: r for r in (FASTDEPLOY_2_0, FASTDEPLOY_2_1, FASTDEPLOY_2_2, FASTDEPLOY_2_3,
                                      FASTDEPLOY_2_4, FASTDEPLOY_2_5)}
 DEFAULT_FASTDEPLOY_VERSION = "2.3"  # the first with the v1 loader as default and `fastdeploy serve`
 
+# engine/args_utils.py create_engine_config: max_num_batched_tokens when not given, under the V1
+# scheduler, else with chunked prefill; else it is max_model_len.
+FASTDEPLOY_BATCHED_TOKENS_V1 = 8192
+FASTDEPLOY_BATCHED_TOKENS_CHUNKED = 2048
 # config.py FDConfig.check, every release (develop raises the cap to 512 after 2.5, #6407).
 FASTDEPLOY_MAX_NUM_SEQS = 256
 FASTDEPLOY_MIN_MODEL_LEN = 16
