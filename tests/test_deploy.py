@@ -162,6 +162,8 @@ PER_RELEASE = {
         ("paddle", fastdeploy("2.5", "--device", "iluvatar", "--max-num-batched-tokens", "8192"), None),
         ("paddle", fastdeploy("2.3", "--max-num-batched-tokens", "32", "--max-num-seqs", "8"),
          "prefills in chunks, so max_num_batched_tokens (32) must be at least block_size (64)"),
+        # XPU 2.3: the V1 scheduler without chunked prefill, so neither lower bound applies
+        ("paddle", fastdeploy("2.3", "--device", "xpu", "--max-num-batched-tokens", "32", "--max-num-seqs", "8"), None),
     ],
     "vLLM: max_num_batched_tokens >= max_num_seqs, max_model_len within model_max_length": [
         ("pt", ("vllm", "--max-num-batched-tokens", "32", "--max-num-seqs", "64"),
