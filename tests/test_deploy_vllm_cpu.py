@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -76,13 +77,14 @@ def server(tmp_path_factory):
     assert deploy.returncode == 0, deploy.stderr
     env["PATH"] = f"{Path(VLLM_PYTHON).parent}{os.pathsep}{env['PATH']}"
     log = open(out.parent / "vllm.log", "w")
+    started = time.monotonic()
     engine = subprocess.Popen(["bash", str(out / "launch.sh")], env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
         smoke = subprocess.run(["bash", str(out / "smoke_test.sh")], env={**env, "TIMEOUT": "600"},
                                capture_output=True, text=True)
         assert engine.poll() is None, f"the engine exited; see {out.parent / 'vllm.log'}"
-        yield out, port, smoke
+        yield out, port, smoke, time.monotonic() - started
     finally:
         os.killpg(engine.pid, signal.SIGTERM)
         try:
@@ -94,19 +96,19 @@ def server(tmp_path_factory):
 
 
 def test_generated_files_start_vllm_cpu_and_smoke_test_passes(server):
-    out, _, smoke = server
+    out, _, smoke, seconds = server
     assert smoke.returncode == 0, smoke.stderr
     assert "smoke test passed" in smoke.stdout
     config = (out / "vllm.yaml").read_text()
     assert "dtype: float32" in config and "kv-cache-memory-bytes:" in config
-    print(f"passed with vllm / torch {VERSIONS}")
+    print(f"vllm / torch {VERSIONS}: ready and answering after {seconds:.0f} s")
 
 
 def test_vllm_greedy_tokens_equal_ernie_predictor(server, tmp_path):
     from converters.convert import pt2paddle
     from ernie_paddle.predictor import ErniePredictor
 
-    _, port, _ = server
+    _, port, _, _ = server
     paddle_dir = tmp_path / "demo-Paddle"
     pt2paddle(DEMO_MODEL, paddle_dir, progress=False)
     predictor = ErniePredictor.from_pretrained(paddle_dir, device="cpu", dtype="float32", progress=False)
