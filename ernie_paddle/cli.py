@@ -75,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("engine", choices=["fastdeploy", "vllm", "vllm-ascend"])
     p.add_argument("--model", required=True, help="local model directory (either layout)")
     p.add_argument("--out", required=True, help="directory to write (must not exist unless --overwrite)")
-    p.add_argument("--device", default=None, choices=["gpu", "xpu", "dcu", "iluvatar", "npu"],
-                   help="default: gpu (fastdeploy, vllm), npu (vllm-ascend)")
+    p.add_argument("--device", default=None, choices=["gpu", "xpu", "dcu", "iluvatar", "npu", "cpu"],
+                   help="default: gpu (fastdeploy, vllm), npu (vllm-ascend); cpu: vllm's CPU build")
     p.add_argument("--quantization", default="none", choices=["none", "wint8", "wint4", "block_wise_fp8"])
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=None, help="default: 32768 FastDeploy, 4096 vLLM")
@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="what the engine should load: a hub id or the path on the serving machine "
                         "(default: the absolute path of --model)")
     p.add_argument("--fastdeploy-version", default=None, help="FastDeploy release targeted (default: 2.3)")
+    p.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
+                   help="vLLM only (default: auto on gpu, bfloat16 on npu, float32 on cpu)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("serve", help="serve the Paddle predictor over an OpenAI-style HTTP API")

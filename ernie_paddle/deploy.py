@@ -1,15 +1,16 @@
 """Deployment configs for FastDeploy, vLLM and vLLM-Ascend: check a model directory and the options
-against what the engine accepts, then write the engine's YAML, a launch script, a smoke test and a
-README into one directory. Everything is validated before anything is written.
+against what the targeted engine release accepts, then write the engine's YAML, a launch script, a
+smoke test and a README into one directory. Everything is validated before anything is written.
 
-None of these engines runs on a CPU-only machine, so all checks are offline: what each engine
-accepts is stated as data below, read from the engines' own sources (see each table)."""
+What each release accepts is data (deploy_rules.py, read from the engines' own sources); the checks,
+the YAML keys and the launch script below all follow those rows."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -20,108 +21,78 @@ import yaml
 
 from .checkpoint import Checkpoint
 from .config import ErnieConfig
+from .deploy_rules import (DEFAULT_FASTDEPLOY_VERSION, FASTDEPLOY, FASTDEPLOY_BATCHED_TOKENS_CHUNKED,
+                           FASTDEPLOY_BATCHED_TOKENS_V1, FASTDEPLOY_MAX_NUM_SEQS, FASTDEPLOY_MIN_MODEL_LEN,
+                           FASTDEPLOY_TORCH_TRANSFORMERS_ABOVE, VLLM, FastDeployRelease)
 from .errors import ErnieError
 
-FASTDEPLOY_VERSIONS = ("2.0", "2.1", "2.2", "2.3", "2.4", "2.5")
-DEFAULT_FASTDEPLOY_VERSION = "2.3"  # first with the v1 loader as default and `fastdeploy serve`
-PT_LAYOUT_SINCE = "2.2"             # FastDeploy registered Ernie4_5ForCausalLM (0.3B -PT) in 2.2
-LOAD_CHOICES_SINCE = "2.2"
-
-# FastDeploy `--config` keys: argparse dest names (underscored) and the type each value must have.
-# From fastdeploy/engine/args_utils.py (EngineArgs.add_cli_args) and
-# fastdeploy/entrypoints/openai/api_server.py; the file loader drops any other key silently.
-FASTDEPLOY_ARGS = {
-    "model": str, "port": int, "host": str, "metrics_port": int, "max_concurrency": int,
-    "workers": int, "served_model_name": str, "tokenizer": str, "max_model_len": int,
-    "block_size": int, "max_num_seqs": int, "max_num_batched_tokens": int,
-    "tensor_parallel_size": int, "data_parallel_size": int, "gpu_memory_utilization": float,
-    "kv_cache_ratio": float, "engine_worker_queue_port": int, "cache_queue_port": int,
-    "quantization": str, "load_choices": str, "enable_prefix_caching": bool,
-    "enable_chunked_prefill": bool, "enable_logprob": bool, "seed": int,
-    "guided_decoding_backend": str, "reasoning_parser": str, "speculative_config": dict,
-    "graph_optimization_config": dict, "use_warmup": int, "swap_space": float,
-}
-
-# vLLM `--config` keys: long option names (hyphenated), from vllm/engine/arg_utils.py and
-# vllm/entrypoints/openai/cli_args.py.
-VLLM_ARGS = {
-    "host": str, "port": int, "served-model-name": str, "tokenizer": str, "dtype": str,
-    "max-model-len": int, "max-num-seqs": int, "max-num-batched-tokens": int,
-    "tensor-parallel-size": int, "gpu-memory-utilization": float, "enforce-eager": bool,
-    "enable-prefix-caching": bool, "seed": int, "quantization": str, "block-size": int,
-    "trust-remote-code": bool, "generation-config": str,
-}
-
-# Per engine: devices (the first is the default), defaults, the config file name and how options
-# are spelled in it.
+# Per engine: the config file name, how options are spelled in it, defaults (per device where they
+# differ) and the command launch.sh runs.
 ENGINES = {
     "fastdeploy": {
-        "devices": ("gpu", "xpu", "dcu", "iluvatar"), "config": "fastdeploy.yaml", "sep": "_",
+        "config": "fastdeploy.yaml", "sep": "_", "default_device": "gpu",
         "port": 8180, "max_model_len": 32768, "max_num_seqs": 128, "gpu_memory_utilization": 0.9,
         "command": 'python -m fastdeploy.entrypoints.openai.api_server --model "$MODEL" --config "$HERE/{config}"',
     },
     "vllm": {
-        "devices": ("gpu",), "config": "vllm.yaml", "sep": "-",
+        "config": "vllm.yaml", "sep": "-", "default_device": "gpu",
         "port": 8000, "max_model_len": 4096, "max_num_seqs": 64, "gpu_memory_utilization": 0.9,
         "command": 'vllm serve "$MODEL" --config "$HERE/{config}"',
     },
     "vllm-ascend": {
-        "devices": ("npu",), "config": "vllm.yaml", "sep": "-",
+        "config": "vllm.yaml", "sep": "-", "default_device": "npu",
         "port": 8000, "max_model_len": 4096, "max_num_seqs": 64, "gpu_memory_utilization": 0.8,
         "command": 'vllm serve "$MODEL" --config "$HERE/{config}"',
     },
 }
+# A CPU server holds the KV cache in host RAM: fewer sequences by default.
+DEVICE_DEFAULTS = {"cpu": {"max_num_seqs": 8}}
+# vLLM dtype per device: bf16 needs avx512_bf16 / AMX to be fast on a CPU, float32 runs everywhere
+# (and equals the float32 reference); Atlas 300I Duo users set float16 (no bf16 there).
+VLLM_DTYPE = {"gpu": "auto", "cpu": "float32", "npu": "bfloat16"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
 # Where a device is asked of the wrong engine: what serves it (FastDeploy has no released Ascend path).
 DEVICE_HINT = {
     "npu": "use `ernie-paddle deploy vllm-ascend` (or `ernie-paddle serve --device npu`)",
     "gpu": "use `ernie-paddle deploy fastdeploy` or `ernie-paddle deploy vllm`",
+    "cpu": "use `ernie-paddle deploy vllm --device cpu` (or `ernie-paddle serve --device cpu`)",
     "xpu": "use `ernie-paddle deploy fastdeploy --device xpu`",
     "dcu": "use `ernie-paddle deploy fastdeploy --device dcu`",
     "iluvatar": "use `ernie-paddle deploy fastdeploy --device iluvatar`",
-}
-
-# Layouts each engine/device loads. FastDeploy's v1 loader (the one that reads -PT) falls back to
-# v0 off NVIDIA GPUs; vLLM loads the transformers (-PT) layout only.
-LAYOUTS = {
-    ("fastdeploy", "gpu"): ("pt", "paddle"), ("fastdeploy", "xpu"): ("paddle",),
-    ("fastdeploy", "dcu"): ("paddle",), ("fastdeploy", "iluvatar"): ("paddle",),
-    ("vllm", "gpu"): ("pt",), ("vllm-ascend", "npu"): ("pt",),
 }
 CONVERT_TO = {"pt": "convert paddle2pt {model} {model}-PT", "paddle": "convert pt2paddle {model} {model}-Paddle"}
 LAYOUT_NAMES = {"pt": "-PT", "paddle": "-Paddle"}
 
 # Weight quantizations per engine/device (FastDeploy names; vLLM runs these models unquantized).
+# GPU: docs/best_practices/ERNIE-4.5-*-Paddle.md; XPU: docs/usage/kunlunxin_xpu_deployment.md (wint4
+# for the MoE models only); DCU / Iluvatar: their installation docs use wint8.
 QUANTIZATIONS = {
     ("fastdeploy", "gpu"): ("none", "wint8", "wint4", "block_wise_fp8"),
     ("fastdeploy", "xpu"): ("none", "wint8"),
     ("fastdeploy", "dcu"): ("none", "wint8"),
     ("fastdeploy", "iluvatar"): ("none", "wint8"),
-    ("vllm", "gpu"): ("none",), ("vllm-ascend", "npu"): ("none",),
+    ("vllm", "gpu"): ("none",), ("vllm", "cpu"): ("none",), ("vllm-ascend", "npu"): ("none",),
 }
-QUANTIZATION_NOTES = {
-    "none": "weights stay in the checkpoint's dtype",
-    "wint8": "int8 weights, bf16 activations: about half the weight memory",
-    "wint4": "on the dense ERNIE models FastDeploy rewrites wint4 to mix_quant with int8 dense layers, "
-             "so this is effectively wint8",
-    "block_wise_fp8": "fp8 weights and activations; needs a Hopper GPU (launch.sh checks)",
-}
+MOE_ONLY_QUANTIZATIONS = {("fastdeploy", "xpu"): ("wint4",)}
 
-# Environment each device needs; the visible-devices variable is filled with 0..TP-1 unless set.
+# Environment each device needs, exported unless already set. The visible-devices variable gets 0..TP-1.
 VISIBLE_DEVICES = {"gpu": "CUDA_VISIBLE_DEVICES", "xpu": "XPU_VISIBLE_DEVICES", "dcu": "HIP_VISIBLE_DEVICES",
                    "iluvatar": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES"}
 DEVICE_ENV = {
-    "dcu": {"FD_ATTENTION_BACKEND": "BLOCK_ATTN"},
-    "iluvatar": {"PADDLE_XCCL_BACKEND": "iluvatar_gpu"},
-    "npu": {"PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True"},
+    "dcu": {"FD_ATTENTION_BACKEND": "BLOCK_ATTN"},  # docs/get_started/installation/hygon_dcu.md
+    # docs/get_started/installation/iluvatar_gpu.md: every serving script exports all three.
+    "iluvatar": {"PADDLE_XCCL_BACKEND": "iluvatar_gpu", "LD_PRELOAD": "/usr/local/corex/lib64/libcuda.so.1",
+                 "FD_SAMPLING_CLASS": "rejection"},
 }
-BLOCK_SIZE = {"iluvatar": 16}                  # FastDeploy's default is 64
-PREFIX_CACHING_DEVICES = ("gpu", "xpu")        # FastDeploy turns it off elsewhere anyway
-MAX_TENSOR_PARALLEL = 8                        # FastDeploy's own start check
+BLOCK_SIZE = {"iluvatar": 16}                  # FastDeploy's default is 64; the Iluvatar docs pass 16
+PREFIX_CACHING_DEVICES = ("gpu", "xpu")        # FastDeploy turns it off elsewhere (config.py __post_init__)
 
 # Options that mean something only to FastDeploy: (args attribute, flag).
 FASTDEPLOY_ONLY = (("kv_cache_ratio", "--kv-cache-ratio"), ("metrics_port", "--metrics-port"),
                    ("engine_worker_queue_port", "--engine-worker-queue-port"),
                    ("cache_queue_port", "--cache-queue-port"), ("fastdeploy_version", "--fastdeploy-version"))
+VLLM_ONLY = (("dtype", "--dtype"),)
 FASTDEPLOY_PORTS = ("port", "metrics_port", "engine_worker_queue_port", "cache_queue_port")
 
 SMOKE_PROMPT = "The capital of France is"
@@ -137,9 +108,9 @@ class Plan:
     layout: str
     kind: str
     quantization: str
-    version: str | None
+    release: FastDeployRelease | None   # the FastDeploy release targeted; None for vLLM
     settings: dict                      # engine config, our underscored names, in file order
-    env: dict = field(default_factory=dict)         # exported unless already set (visible devices)
+    env: dict = field(default_factory=dict)         # exported unless already set
     fixed_env: dict = field(default_factory=dict)   # always exported
     notes: list = field(default_factory=list)
 
@@ -147,35 +118,58 @@ class Plan:
     def config_name(self) -> str:
         return ENGINES[self.engine]["config"]
 
+    @property
+    def target(self) -> str:
+        if self.release:
+            return f"FastDeploy {self.release.version}"
+        return f"{self.engine} {VLLM[self.engine].version}"
+
     def engine_config(self) -> dict:
         sep = ENGINES[self.engine]["sep"]
         return {key.replace("_", sep): value for key, value in self.settings.items()}
 
 
 def _version(text: str) -> tuple:
-    return tuple(int(part) for part in text.split("."))
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
-def _resolve_engine_device(args) -> tuple[str, str]:
-    engine = args.engine
-    device = args.device or ENGINES[engine]["devices"][0]
-    if device not in ENGINES[engine]["devices"]:
-        raise ErnieError(f"--device {device}: {engine} does not serve on {device}; {DEVICE_HINT[device]}")
-    if engine != "fastdeploy":
-        for name, flag in FASTDEPLOY_ONLY:
-            if getattr(args, name, None) is not None:
-                raise ErnieError(f"{flag}: a FastDeploy option; {engine} has no such setting, drop it")
-    return engine, device
+def _first_release(holds) -> str | None:
+    return next((version for version, release in FASTDEPLOY.items() if holds(release)), None)
 
 
-def _resolve_version(args) -> str | None:
+def _resolve_release(args) -> FastDeployRelease | None:
     if args.engine != "fastdeploy":
         return None
     version = args.fastdeploy_version or DEFAULT_FASTDEPLOY_VERSION
-    if version not in FASTDEPLOY_VERSIONS:
+    if version not in FASTDEPLOY:
         raise ErnieError(f"--fastdeploy-version {version}: not a FastDeploy 2.x release this tool knows; "
-                         f"choose one of {', '.join(FASTDEPLOY_VERSIONS)}")
-    return version
+                         f"choose one of {', '.join(FASTDEPLOY)}")
+    return FASTDEPLOY[version]
+
+
+def _resolve_device(args, release: FastDeployRelease | None) -> str:
+    engine = args.engine
+    device = args.device or ENGINES[engine]["default_device"]
+    devices = release.devices if release else VLLM[engine].devices
+    if device not in devices:
+        since = _first_release(lambda r: device in r.devices) if release else None
+        if since:
+            raise ErnieError(f"--device {device}: FastDeploy {release.version} has no {device} serving; "
+                             f"target --fastdeploy-version {since} or later")
+        raise ErnieError(f"--device {device}: {engine} does not serve on {device}; {DEVICE_HINT[device]}")
+    engine_only = FASTDEPLOY_ONLY if engine != "fastdeploy" else VLLM_ONLY
+    for name, flag in engine_only:
+        if getattr(args, name, None) is not None:
+            raise ErnieError(f"{flag}: not a {engine} option; drop it")
+    return device
+
+
+def layouts(engine: str, device: str, release: FastDeployRelease | None) -> tuple:
+    """The checkpoint layouts the engine loads there, the preferred first: FastDeploy reads -PT only
+    where its v1 loader runs; vLLM loads the transformers (-PT) layout only."""
+    if release is None:
+        return ("pt",)
+    return ("pt", "paddle") if device in release.pt_devices else ("paddle",)
 
 
 def _read_model(model: str) -> tuple[ErnieConfig, dict, str]:
@@ -194,20 +188,24 @@ def _read_model(model: str) -> tuple[ErnieConfig, dict, str]:
     return config, raw, layout
 
 
-def _check_layout(engine: str, device: str, layout: str, version: str | None, model: str):
-    accepted = LAYOUTS[(engine, device)]
+def _check_layout(engine: str, device: str, layout: str, release: FastDeployRelease | None, model: str):
+    accepted = layouts(engine, device, release)
+    if layout in accepted:
+        return
     fix = CONVERT_TO[accepted[0]].format(model=model.rstrip("/"))
-    if layout not in accepted:
-        raise ErnieError(f"--model {model}: a {LAYOUT_NAMES[layout]} checkpoint, but {engine} on {device} "
-                         f"loads only {LAYOUT_NAMES[accepted[0]]}; convert it with `{fix}`")
-    if engine == "fastdeploy" and layout == "pt" and _version(version) < _version(PT_LAYOUT_SINCE):
-        raise ErnieError(f"--fastdeploy-version {version}: FastDeploy before {PT_LAYOUT_SINCE} cannot load "
-                         f"the -PT layout; target {PT_LAYOUT_SINCE} or later, or convert with "
-                         f"`{CONVERT_TO['paddle'].format(model=model.rstrip('/'))}`")
+    if release is None:
+        raise ErnieError(f"--model {model}: a {LAYOUT_NAMES[layout]} checkpoint, but {engine} loads only "
+                         f"{LAYOUT_NAMES[accepted[0]]}; convert it with `{fix}`")
+    since = _first_release(lambda r: device in r.pt_devices)
+    later = f"FastDeploy {since} or later reads -PT there, " if since else ""
+    raise ErnieError(f"--model {model}: a -PT checkpoint, but FastDeploy {release.version} on {device} loads "
+                     f"only -Paddle; {later}or convert it with `{fix}`")
 
 
-def _torch_format_env(raw: dict, layout: str, model: str) -> dict:
-    """FastDeploy reads the layout from config.json alone: `torch_dtype` means torch, `dtype` Paddle."""
+def _torch_format_env(raw: dict, layout: str, model: str, release: FastDeployRelease) -> dict:
+    """FastDeploy reads the layout from config.json alone (config.py read_model_config): `torch_dtype`
+    means torch, `dtype` Paddle, both or neither is refused; from 2.5 `dtype` with transformers_version
+    above 4.56 means torch too."""
     keys = [key for key in ("torch_dtype", "dtype") if key in raw]
     where = f"{model.rstrip('/')}/config.json"
     if len(keys) == 2:
@@ -221,6 +219,11 @@ def _torch_format_env(raw: dict, layout: str, model: str) -> dict:
     if layout == "paddle" and keys == ["torch_dtype"]:
         raise ErnieError(f"{where}: `torch_dtype` makes FastDeploy read these -Paddle weights as -PT; "
                          "rename the key to `dtype`")
+    transformers = str(raw.get("transformers_version", ""))
+    if (layout == "paddle" and release.dtype_and_new_transformers_is_torch and transformers
+            and _version(transformers) > FASTDEPLOY_TORCH_TRANSFORMERS_ABOVE):
+        raise ErnieError(f"{where}: `dtype` with transformers_version {transformers} makes FastDeploy "
+                         f"{release.version} read these -Paddle weights as -PT; remove `transformers_version`")
     if layout == "pt" and keys == ["dtype"]:
         return {"FD_FOR_TORCH_MODEL_FORMAT": "1"}
     return {}
@@ -243,59 +246,123 @@ def _check_ratio(value: float, flag: str):
         raise ErnieError(f"{flag} {value}: must be in (0, 1]")
 
 
-def _sizes(args, engine: str, config: ErnieConfig) -> dict:
-    defaults = ENGINES[engine]
+def _check_tensor_parallel(tp: int, device: str, release: FastDeployRelease | None, config: ErnieConfig):
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    if release and release.kv_heads_split:
+        # FastDeploy 2.0 / 2.1 model_executor/layers/linear.py: divide(kv_heads, tp).
+        valid = [d for d in range(1, kv + 1) if kv % d == 0]
+        rule = f"must divide num_key_value_heads ({kv}) in FastDeploy {release.version}"
+    else:
+        # vllm/config/model.py and FastDeploy 2.2+ QKVParallelLinear: KV heads replicated when tp > kv.
+        valid = [d for d in range(1, heads + 1) if heads % d == 0 and (kv % d == 0 or d % kv == 0)]
+        rule = (f"must divide num_attention_heads ({heads}) and divide or be a multiple of "
+                f"num_key_value_heads ({kv})")
+    if tp not in valid:
+        raise ErnieError(f"--tensor-parallel-size {tp}: {rule}; use one of {', '.join(map(str, valid))}")
+    if release is None:
+        return
+    limit = release.tp_limit_per_device.get(device, release.tp_limit)
+    if tp > limit and not release.tp_limit_per_node:
+        raise ErnieError(f"--tensor-parallel-size {tp}: FastDeploy {release.version} accepts 1 to {limit}")
+    if tp > limit:
+        raise ErnieError(f"--tensor-parallel-size {tp}: FastDeploy {release.version} runs at most {limit} ranks "
+                         f"per {device} node; more needs several nodes (--ips), which deploy does not write")
+
+
+def _max_len_ceiling(engine: str, config: ErnieConfig, model: str) -> tuple[int, str]:
+    """The longest max_model_len the engine takes, and what sets it. vLLM (config/model.py
+    _get_and_verify_max_len) also takes tokenizer_config.json's model_max_length into account."""
+    positions = config.max_position_embeddings
+    ceiling = (positions, f"the model's max_position_embeddings ({positions})")
+    tokenizer_config = Path(model) / "tokenizer_config.json"
+    if engine != "fastdeploy" and tokenizer_config.is_file():
+        limit = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("model_max_length")
+        if isinstance(limit, int) and limit < ceiling[0]:
+            ceiling = (limit, f"tokenizer_config.json's model_max_length ({limit})")
+    return ceiling
+
+
+def _sizes(args, engine: str, device: str, release: FastDeployRelease | None, config: ErnieConfig) -> dict:
+    defaults = {**ENGINES[engine], **DEVICE_DEFAULTS.get(device, {})}
     tp = args.tensor_parallel_size
-    if tp < 1 or config.num_key_value_heads % tp:
-        divisors = [d for d in range(1, config.num_key_value_heads + 1) if config.num_key_value_heads % d == 0]
-        raise ErnieError(f"--tensor-parallel-size {tp}: must divide num_key_value_heads "
-                         f"({config.num_key_value_heads}) or the engine hangs at start; use one of "
-                         f"{', '.join(map(str, divisors))}")
-    if engine == "fastdeploy" and tp > MAX_TENSOR_PARALLEL:
-        raise ErnieError(f"--tensor-parallel-size {tp}: FastDeploy accepts 1 to {MAX_TENSOR_PARALLEL}")
-    default_len = min(defaults["max_model_len"], config.max_position_embeddings)
-    max_model_len = _positive(_option(args, "max_model_len", default_len), "--max-model-len")
+    _check_tensor_parallel(tp, device, release, config)
+    ceiling, ceiling_reason = _max_len_ceiling(engine, config, args.model)
+    max_model_len = _positive(_option(args, "max_model_len", min(defaults["max_model_len"], ceiling)),
+                              "--max-model-len")
     max_num_seqs = _positive(_option(args, "max_num_seqs", defaults["max_num_seqs"]), "--max-num-seqs")
-    if max_model_len > config.max_position_embeddings:
-        raise ErnieError(f"--max-model-len {max_model_len}: above the model's max_position_embeddings "
-                         f"({config.max_position_embeddings}); use at most that")
-    gpu_memory = _option(args, "gpu_memory_utilization", defaults["gpu_memory_utilization"])
-    _check_ratio(gpu_memory, "--gpu-memory-utilization")
+    if max_model_len > ceiling:
+        raise ErnieError(f"--max-model-len {max_model_len}: above {ceiling_reason}; use at most that")
     sizes = {"tensor_parallel_size": tp, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs}
-    batched = getattr(args, "max_num_batched_tokens", None)
-    if engine == "fastdeploy":
-        _fastdeploy_start_checks(max_model_len, max_num_seqs, batched)
+    batched = _positive(getattr(args, "max_num_batched_tokens", None), "--max-num-batched-tokens")
+    block_size = BLOCK_SIZE.get(device, 64)
+    if release:
+        _fastdeploy_start_checks(release, device, max_model_len, max_num_seqs, batched, block_size)
+    elif batched is not None and batched < max_num_seqs:
+        raise ErnieError(f"--max-num-batched-tokens {batched}: vLLM needs at least max_num_seqs ({max_num_seqs}) "
+                         "(vllm/config/scheduler.py); raise it or lower --max-num-seqs")
     if batched is not None:
-        sizes["max_num_batched_tokens"] = _positive(batched, "--max-num-batched-tokens")
-    sizes["gpu_memory_utilization"] = gpu_memory
-    if engine == "fastdeploy":
+        sizes["max_num_batched_tokens"] = batched
+    if device == "cpu" and getattr(args, "gpu_memory_utilization", None) is None:
+        # On CPU vLLM reads gpu_memory_utilization as a share of host RAM (v1/worker/cpu_worker.py); an
+        # explicit KV cache size is the same on every machine: the cache for max_num_seqs full sequences.
+        dtype = _option(args, "dtype", VLLM_DTYPE[device])
+        sizes["kv_cache_memory_bytes"] = max_model_len * max_num_seqs * _kv_bytes_per_token(config, dtype)
+    else:
+        gpu_memory = _option(args, "gpu_memory_utilization", defaults["gpu_memory_utilization"])
+        _check_ratio(gpu_memory, "--gpu-memory-utilization")
+        sizes["gpu_memory_utilization"] = gpu_memory
+    if release:
         kv_cache_ratio = _option(args, "kv_cache_ratio", 0.75)
         _check_ratio(kv_cache_ratio, "--kv-cache-ratio")
         sizes["kv_cache_ratio"] = kv_cache_ratio
     return sizes
 
 
-def _fastdeploy_start_checks(max_model_len: int, max_num_seqs: int, batched: int | None):
-    """The checks FastDeploy's FDConfig.check applies at start, here before a GPU is ever touched."""
-    if not 1 <= max_num_seqs <= 256:
-        raise ErnieError(f"--max-num-seqs {max_num_seqs}: FastDeploy accepts 1 to 256")
-    if max_model_len < 16:
-        raise ErnieError(f"--max-model-len {max_model_len}: FastDeploy needs at least 16")
-    # Unset, FastDeploy takes max_num_batched_tokens = max_model_len (no chunked prefill).
-    tokens = batched if batched is not None else max_model_len
-    flag = "--max-num-batched-tokens" if batched is not None else "--max-model-len"
+def _fastdeploy_start_checks(release: FastDeployRelease, device: str, max_model_len: int, max_num_seqs: int,
+                             batched: int | None, block_size: int):
+    """The checks FastDeploy's FDConfig.check (config.py) applies at start, against the
+    max_num_batched_tokens that release really uses: given, or its default on that device."""
+    if not 1 <= max_num_seqs <= FASTDEPLOY_MAX_NUM_SEQS:
+        raise ErnieError(f"--max-num-seqs {max_num_seqs}: FastDeploy accepts 1 to {FASTDEPLOY_MAX_NUM_SEQS}")
+    if max_model_len < FASTDEPLOY_MIN_MODEL_LEN:
+        raise ErnieError(f"--max-model-len {max_model_len}: FastDeploy needs at least {FASTDEPLOY_MIN_MODEL_LEN}")
+    v1, chunked = device in release.v1_devices, device in release.chunked_devices
+    if batched is not None:
+        tokens, flag, origin = batched, f"--max-num-batched-tokens {batched}", ""
+    else:
+        tokens = (FASTDEPLOY_BATCHED_TOKENS_V1 if v1 else FASTDEPLOY_BATCHED_TOKENS_CHUNKED if chunked
+                  else max_model_len)
+        flag = f"--max-model-len {max_model_len} --max-num-seqs {max_num_seqs}"
+        origin = (f" (FastDeploy {release.version} on {device} takes {tokens} when --max-num-batched-tokens "
+                  "is not given)")
+    where = f"FastDeploy {release.version} on {device}"
     if tokens < max_num_seqs:
-        raise ErnieError(f"{flag} {tokens}: FastDeploy needs max_num_batched_tokens ({tokens}) >= "
-                         f"max_num_seqs ({max_num_seqs}); raise it or lower --max-num-seqs")
+        raise ErnieError(f"{flag}: {where} needs max_num_batched_tokens ({tokens}) >= max_num_seqs "
+                         f"({max_num_seqs}){origin}; raise it or lower --max-num-seqs")
     if tokens > max_model_len * max_num_seqs:
-        raise ErnieError(f"--max-num-batched-tokens {tokens}: FastDeploy needs at most max_model_len x "
-                         f"max_num_seqs = {max_model_len * max_num_seqs}")
+        raise ErnieError(f"{flag}: {where} needs max_num_batched_tokens ({tokens}) at most max_model_len x "
+                         f"max_num_seqs = {max_model_len * max_num_seqs}{origin}; pass --max-num-batched-tokens "
+                         f"{max_model_len * max_num_seqs} or less")
+    if not chunked and not v1 and tokens < max_model_len:
+        raise ErnieError(f"{flag}: {where} runs without chunked prefill, so max_num_batched_tokens ({tokens}) "
+                         f"must be at least max_model_len ({max_model_len})")
+    if chunked and tokens < block_size:
+        raise ErnieError(f"{flag}: {where} prefills in chunks, so max_num_batched_tokens ({tokens}) must be at "
+                         f"least block_size ({block_size})")
 
 
-def _check_quantization(engine: str, device: str, quantization: str):
-    allowed = QUANTIZATIONS[(engine, device)]
+def _kv_bytes_per_token(config: ErnieConfig, dtype: str) -> int:
+    """K and V of every layer for one token; "auto" is the checkpoint's dtype."""
+    width = DTYPE_BYTES.get(config.dtype if dtype == "auto" else dtype, 2)
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * width
+
+
+def _check_quantization(engine: str, device: str, quantization: str, kind: str):
+    moe_names = MOE_ONLY_QUANTIZATIONS.get((engine, device), ())
+    allowed = QUANTIZATIONS[(engine, device)] + (moe_names if kind == "moe" else ())
     if quantization not in allowed:
-        raise ErnieError(f"--quantization {quantization}: not supported by {engine} on {device}; "
+        raise ErnieError(f"--quantization {quantization}: not supported by {engine} on {device}"
+                         f"{' for dense models' if quantization in moe_names else ''}; "
                          f"choose one of {', '.join(allowed)}")
 
 
@@ -344,64 +411,108 @@ def _check_out(out: str, overwrite: bool):
 
 def plan_deployment(args) -> Plan:
     """Validate the options and the model directory; raise ErnieError on the first problem."""
-    engine, device = _resolve_engine_device(args)
-    version = _resolve_version(args)
-    _check_quantization(engine, device, args.quantization)
+    engine = args.engine
+    release = _resolve_release(args)
+    device = _resolve_device(args, release)
     config, raw, layout = _read_model(args.model)
-    _check_layout(engine, device, layout, version, args.model)
-    fixed_env = dict(DEVICE_ENV.get(device, {}))
-    if engine == "fastdeploy":
-        fixed_env.update(_torch_format_env(raw, layout, args.model))
-    sizes = _sizes(args, engine, config)
+    _check_quantization(engine, device, args.quantization, config.kind)
+    _check_layout(engine, device, layout, release, args.model)
+    fixed_env = _torch_format_env(raw, layout, args.model, release) if release else {}
+    sizes = _sizes(args, engine, device, release, config)
     ports = _ports(args, engine)
     _check_out(args.out, getattr(args, "overwrite", False))
 
     served_name = Path(args.model).resolve().name
-    settings = {**ports, "served_model_name": served_name, **sizes}
-    if engine == "fastdeploy":
+    settings = dict(ports)
+    if release is None or "served_model_name" in release.args:
+        settings["served_model_name"] = served_name
+    settings.update(sizes)
+    if release:
         settings["block_size"] = BLOCK_SIZE.get(device, 64)
         settings["enable_prefix_caching"] = device in PREFIX_CACHING_DEVICES
         if args.quantization != "none":
             settings["quantization"] = args.quantization
-        if device == "gpu" and _version(version) >= _version(LOAD_CHOICES_SINCE):
+        if "load_choices" in release.args and device in release.pt_devices:
             settings["load_choices"] = "default_v1"
     else:
-        settings["dtype"] = "bfloat16" if engine == "vllm-ascend" else "auto"
+        settings["dtype"] = _option(args, "dtype", VLLM_DTYPE[device])
         if engine == "vllm-ascend":
             settings["enforce_eager"] = True
     tp = sizes["tensor_parallel_size"]
+    env = dict(DEVICE_ENV.get(device, {}))
+    if device in VISIBLE_DEVICES:
+        env[VISIBLE_DEVICES[device]] = ",".join(str(i) for i in range(tp))
     plan = Plan(engine=engine, device=device, model_ref=args.model_ref or str(Path(args.model).resolve()),
                 served_name=served_name, layout=layout, kind=config.kind, quantization=args.quantization,
-                version=version, settings=settings,
-                env={VISIBLE_DEVICES[device]: ",".join(str(i) for i in range(tp))}, fixed_env=fixed_env)
+                release=release, settings=settings, env=env, fixed_env=fixed_env)
     plan.notes = _notes(plan, config)
     return plan
 
 
+def _quantization_note(plan: Plan) -> str:
+    if plan.quantization != "wint4":
+        return {"none": "weights stay in the checkpoint's dtype",
+                "wint8": "int8 weights, bf16 activations: about half the weight memory",
+                "block_wise_fp8": "fp8 weights and activations; needs a Hopper GPU (launch.sh checks the "
+                                  "selected GPUs)"}[plan.quantization]
+    # worker/worker_process.py: wint4 on an ERNIE model becomes mix_quant (MoE models in every release,
+    # dense ones from 2.1).
+    if plan.kind == "moe":
+        return "FastDeploy runs it as mix_quant: expert weights int4, the other layers int8"
+    if plan.release.wint4_dense_as_wint8:
+        return (f"on the dense ERNIE models FastDeploy {plan.release.version} rewrites wint4 to mix_quant with "
+                "int8 dense layers, so this is effectively wint8")
+    return "int4 weights (FastDeploy 2.0 applies wint4 to dense models as asked)"
+
+
 def _notes(plan: Plan, config: ErnieConfig) -> list[str]:
     s = plan.settings
+    kv, heads = config.num_key_value_heads, config.num_attention_heads
+    tp = s["tensor_parallel_size"]
+    split = (f"divides the {kv} KV heads" if kv % tp == 0 else
+             f"the {kv} KV heads are replicated over the ranks, the {heads} query heads split")
     notes = [
-        f"Layout {LAYOUT_NAMES[plan.layout]}: what {plan.engine} loads on {plan.device}.",
-        f"Tensor parallel {s['tensor_parallel_size']}: divides the {config.num_key_value_heads} KV heads.",
+        f"Targets {plan.target}; layout {LAYOUT_NAMES[plan.layout]}: what it loads on {plan.device}.",
+        f"Tensor parallel {tp}: {split}.",
         f"max_model_len {s['max_model_len']} (the model allows {config.max_position_embeddings}): "
         "bounds the KV cache; raise it only if prompts need it.",
-        f"Quantization {plan.quantization}: {QUANTIZATION_NOTES[plan.quantization]}.",
+        f"Quantization {plan.quantization}: {_quantization_note(plan)}.",
     ]
+    if "served_model_name" not in s:
+        notes.append(f"FastDeploy {plan.release.version} has no served_model_name: requests name the model by "
+                     "its path (see /v1/models).")
+    if "kv_cache_memory_bytes" in s:
+        notes.append(f"kv_cache_memory_bytes {s['kv_cache_memory_bytes']}: the KV cache for max_num_seqs full "
+                     "sequences, in host RAM (on CPU vLLM would read gpu_memory_utilization as a share of RAM). "
+                     "vLLM keeps one core for its scheduler unless VLLM_CPU_OMP_THREADS_BIND / "
+                     "VLLM_CPU_NUM_OF_RESERVED_CPU say otherwise.")
+    if plan.device == "cpu":
+        notes.append("dtype float32: runs on every x86 CPU and equals the float32 reference; on a CPU with "
+                     "avx512_bf16 or AMX, --dtype bfloat16 halves memory.")
     if "FD_FOR_TORCH_MODEL_FORMAT" in plan.fixed_env:
         notes.append("FD_FOR_TORCH_MODEL_FORMAT=1: config.json says `dtype` (as transformers 5 writes it), "
                      "which FastDeploy would read as the Paddle layout; the variable forces the torch layout.")
     if s.get("load_choices"):
         notes.append("load_choices default_v1: the v1 loader, needed for -PT and faster for -Paddle.")
+    counted = plan.release.counted_visible_devices.get(plan.device) if plan.release else None
+    if counted:
+        notes.append(f"FastDeploy {plan.release.version} needs {counted}, when set, to list exactly {tp} "
+                     "device(s): launch.sh checks it.")
+    if plan.release and plan.device in plan.release.v1_devices:
+        notes.append(f"kv_cache_ratio has no effect here: FastDeploy {plan.release.version} runs the V1 KV-cache "
+                     f"scheduler on {plan.device}; max_num_batched_tokens defaults to {FASTDEPLOY_BATCHED_TOKENS_V1}.")
+    elif plan.release and plan.device not in plan.release.chunked_devices:
+        notes.append(f"No chunked prefill on {plan.device} in FastDeploy {plan.release.version}: "
+                     "max_num_batched_tokens must be at least max_model_len.")
     if plan.device in DEVICE_ENV or plan.device in BLOCK_SIZE:
         notes.append(f"{plan.device} environment: "
                      + ", ".join(f"{k}={v}" for k, v in DEVICE_ENV.get(plan.device, {}).items())
                      + (f"; block_size {BLOCK_SIZE[plan.device]}" if plan.device in BLOCK_SIZE else "") + ".")
     if plan.engine == "vllm-ascend":
-        notes.append("enforce_eager: graph mode off, as measured (vllm / vllm-ascend 0.18.0, torch_npu "
-                     "2.9.0.post1, CANN 8.3.1); vllm and vllm-ascend versions must match exactly. "
-                     "Atlas 300I Duo has no bf16: set `dtype: float16` there.")
-    if plan.engine != "fastdeploy":
-        notes.append("vLLM needs transformers >= 4.54 for the ernie4_5 config class (no trust_remote_code).")
+        notes.append("enforce_eager: graph mode off. vLLM-Ascend sets PYTORCH_NPU_ALLOC_CONF itself (and "
+                     "refuses it with --enable-sleep-mode). Atlas 300I Duo has no bf16: set `dtype: float16` there.")
+    if not plan.release:
+        notes.append(f"Needs {VLLM[plan.engine].requirements}.")
         if plan.kind == "moe":
             notes.append("MoE models need vLLM > 0.10.0 (0.10.0 broke shared-expert loading).")
     if "Base" in plan.served_name:
@@ -410,29 +521,38 @@ def _notes(plan: Plan, config: ErnieConfig) -> list[str]:
 
 
 def _yaml(plan: Plan) -> str:
-    engine = plan.engine if plan.version is None else f"FastDeploy {plan.version}"
-    head = (f"# {engine} config for {plan.served_name} on {plan.device}, written by `ernie-paddle deploy`.\n"
+    head = (f"# {plan.target} config for {plan.served_name} on {plan.device}, written by `ernie-paddle deploy`.\n"
             f"# Keys are {plan.engine} argument names; flags given to launch.sh override them.\n")
     return head + yaml.safe_dump(plan.engine_config(), sort_keys=False)
 
 
 def _launch_script(plan: Plan) -> str:
-    target = plan.engine if plan.version is None else f"FastDeploy {plan.version}"
     lines = ["#!/usr/bin/env bash",
-             f"# Start {target} serving {plan.served_name} on {plan.device} (written by `ernie-paddle deploy`).",
-             "# MODEL and the visible-devices variable may be overridden from the environment.",
+             f"# Start {plan.target} serving {plan.served_name} on {plan.device} (written by `ernie-paddle deploy`).",
+             "# MODEL and the exported variables may be overridden from the environment.",
              "set -euo pipefail",
              'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
              f'MODEL="${{MODEL:-{plan.model_ref}}}"']
     lines += [f'export {name}="${{{name}:-{value}}}"' for name, value in plan.env.items()]
     lines += [f"export {name}={value}" for name, value in plan.fixed_env.items()]
-    if plan.quantization == "block_wise_fp8":
-        lines += ['cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1)"',
-                  'if [ "${cap%%.*}" -lt 9 ]; then',
-                  '  echo "launch.sh: block_wise_fp8 needs a Hopper GPU (compute capability 9.x), found $cap; '
-                  'redeploy with --quantization wint8" >&2',
+    tp = plan.settings["tensor_parallel_size"]
+    counted = plan.release.counted_visible_devices.get(plan.device) if plan.release else None
+    if counted:
+        lines += [f'IFS=, read -ra ids <<< "${{{counted}:-}}"',
+                  f'if [ -n "${{{counted}:-}}" ] && [ "${{#ids[@]}}" -ne {tp} ]; then',
+                  f'  echo "launch.sh: FastDeploy {plan.release.version} needs {counted} to list exactly {tp} '
+                  f'device(s) (tensor parallel {tp}), got \'${counted}\'" >&2',
                   "  exit 2",
                   "fi"]
+    if plan.quantization == "block_wise_fp8":
+        lines += ['caps="$(nvidia-smi -i "$CUDA_VISIBLE_DEVICES" --query-gpu=compute_cap --format=csv,noheader)"',
+                  'for cap in $caps; do',
+                  '  if [ "${cap%%.*}" -lt 9 ]; then',
+                  '    echo "launch.sh: block_wise_fp8 needs Hopper GPUs (compute capability 9.x), found $cap among '
+                  'CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES; redeploy with --quantization wint8" >&2',
+                  "    exit 2",
+                  "  fi",
+                  "done"]
     lines.append("exec " + ENGINES[plan.engine]["command"].format(config=plan.config_name) + ' "$@"')
     return "\n".join(lines) + "\n"
 
@@ -440,15 +560,16 @@ def _launch_script(plan: Plan) -> str:
 def smoke_test_script(port: int, served_name: str) -> str:
     body = json.dumps({"model": served_name, "prompt": SMOKE_PROMPT, "max_tokens": 16, "temperature": 0})
     return f"""#!/usr/bin/env bash
-# Wait until the server answers /health, then send one request to /v1/completions.
+# Wait until /health answers 200 (FastDeploy answers 304 when its workers are dead, 404 while
+# loading; vLLM 503), then send one request to /v1/completions.
 # Works against FastDeploy, vLLM and `ernie-paddle serve` alike.
 set -euo pipefail
 URL="${{URL:-http://127.0.0.1:{port}}}"
 TIMEOUT="${{TIMEOUT:-900}}"
 waited=0
-until curl -fsS -o /dev/null "$URL/health"; do
+until [ "$(curl -s -o /dev/null -w '%{{http_code}}' "$URL/health")" = 200 ]; do
   if [ "$waited" -ge "$TIMEOUT" ]; then
-    echo "smoke_test.sh: $URL/health not ready after ${{TIMEOUT}}s" >&2
+    echo "smoke_test.sh: $URL/health did not answer 200 within ${{TIMEOUT}}s" >&2
     exit 1
   fi
   sleep 2
@@ -464,12 +585,13 @@ esac
 
 
 def _readme(plan: Plan) -> str:
-    target = (f"FastDeploy {plan.version} (`fastdeploy-gpu` / `-xpu` ... from Paddle's package index, "
-              "not the PyPI `fastdeploy-python` placeholder)" if plan.version else plan.engine)
+    target = (f"{plan.target} (`fastdeploy-gpu` / `-xpu` ... from Paddle's package index, not the PyPI "
+              "`fastdeploy-python` placeholder)" if plan.release else plan.target)
     s = plan.settings
+    served = f", served as `{plan.served_name}`" if "served_model_name" in s else ""
     lines = [f"# {plan.served_name} on {plan.engine} ({plan.device})", "",
              f"Written by `ernie-paddle deploy`. Targets {target}.", "",
-             f"- model: `{plan.model_ref}` ({LAYOUT_NAMES[plan.layout]} layout), served as `{plan.served_name}`",
+             f"- model: `{plan.model_ref}` ({LAYOUT_NAMES[plan.layout]} layout){served}",
              f"- config: `{plan.config_name}`; port {s['port']}",
              "", "## Run", "",
              "    bash launch.sh            # MODEL=/path/to/model bash launch.sh to load another copy",
@@ -505,6 +627,6 @@ def write_deployment(plan: Plan, out: str | Path, overwrite: bool = False) -> Pa
 def run_deploy(args) -> int:
     plan = plan_deployment(args)
     out = write_deployment(plan, args.out, getattr(args, "overwrite", False))
-    print(f"wrote {out}/ ({plan.config_name}, launch.sh, smoke_test.sh, README.md): {plan.engine} on "
+    print(f"wrote {out}/ ({plan.config_name}, launch.sh, smoke_test.sh, README.md): {plan.target} on "
           f"{plan.device}, {LAYOUT_NAMES[plan.layout]}, quantization {plan.quantization}, port {plan.settings['port']}")
     return 0

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Start vllm-ascend serving ERNIE-4.5-0.3B-Base-PT on npu (written by `ernie-paddle deploy`).
-# MODEL and the visible-devices variable may be overridden from the environment.
+# Start vllm-ascend 0.18.0 serving ERNIE-4.5-0.3B-Base-PT on npu (written by `ernie-paddle deploy`).
+# MODEL and the exported variables may be overridden from the environment.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MODEL="${MODEL:-baidu/ERNIE-4.5-0.3B-Base-PT}"
 export ASCEND_RT_VISIBLE_DEVICES="${ASCEND_RT_VISIBLE_DEVICES:-0}"
-export PYTORCH_NPU_ALLOC_CONF=expandable_segments:True
 exec vllm serve "$MODEL" --config "$HERE/vllm.yaml" "$@"

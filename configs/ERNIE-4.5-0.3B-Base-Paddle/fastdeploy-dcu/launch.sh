@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Start FastDeploy 2.3 serving ERNIE-4.5-0.3B-Base-Paddle on dcu (written by `ernie-paddle deploy`).
-# MODEL and the visible-devices variable may be overridden from the environment.
+# MODEL and the exported variables may be overridden from the environment.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MODEL="${MODEL:-baidu/ERNIE-4.5-0.3B-Base-Paddle}"
+export FD_ATTENTION_BACKEND="${FD_ATTENTION_BACKEND:-BLOCK_ATTN}"
 export HIP_VISIBLE_DEVICES="${HIP_VISIBLE_DEVICES:-0}"
-export FD_ATTENTION_BACKEND=BLOCK_ATTN
 exec python -m fastdeploy.entrypoints.openai.api_server --model "$MODEL" --config "$HERE/fastdeploy.yaml" "$@"

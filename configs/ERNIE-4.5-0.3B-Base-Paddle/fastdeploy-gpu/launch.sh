@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start FastDeploy 2.3 serving ERNIE-4.5-0.3B-Base-Paddle on gpu (written by `ernie-paddle deploy`).
-# MODEL and the visible-devices variable may be overridden from the environment.
+# MODEL and the exported variables may be overridden from the environment.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MODEL="${MODEL:-baidu/ERNIE-4.5-0.3B-Base-Paddle}"

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Wait until the server answers /health, then send one request to /v1/completions.
+# Wait until /health answers 200 (FastDeploy answers 304 when its workers are dead, 404 while
+# loading; vLLM 503), then send one request to /v1/completions.
 # Works against FastDeploy, vLLM and `ernie-paddle serve` alike.
 set -euo pipefail
 URL="${URL:-http://127.0.0.1:8180}"
 TIMEOUT="${TIMEOUT:-900}"
 waited=0
-until curl -fsS -o /dev/null "$URL/health"; do
+until [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/health")" = 200 ]; do
   if [ "$waited" -ge "$TIMEOUT" ]; then
-    echo "smoke_test.sh: $URL/health not ready after ${TIMEOUT}s" >&2
+    echo "smoke_test.sh: $URL/health did not answer 200 within ${TIMEOUT}s" >&2
     exit 1
   fi
   sleep 2

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Start vllm-ascend 0.18.0 serving ERNIE-4.5-21B-A3B-PT on npu (written by `ernie-paddle deploy`).
+# MODEL and the exported variables may be overridden from the environment.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+MODEL="${MODEL:-baidu/ERNIE-4.5-21B-A3B-PT}"
+export ASCEND_RT_VISIBLE_DEVICES="${ASCEND_RT_VISIBLE_DEVICES:-0}"
+exec vllm serve "$MODEL" --config "$HERE/vllm.yaml" "$@"
