@@ -143,7 +143,7 @@ def tensor_info(path: Path, name: str, entry, base: int) -> TensorInfo:
                          "dtype, shape, data_offsets); re-download or re-convert it")
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(code, str) or code not in DTYPES:
-        raise ErnieError(f"{path}: tensor {name!r} has unsupported dtype {code}")
+        raise ErnieError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
     if not isinstance(shape, list) or not all(is_size(d) for d in shape):
         raise ErnieError(f"{path}: corrupt safetensors entry for tensor {name!r} (shape {shape} is not a list of "
                          "non-negative integers); re-download or re-convert it")
@@ -153,7 +153,8 @@ def tensor_info(path: Path, name: str, entry, base: int) -> TensorInfo:
     dtype = DTYPES[code][0]
     begin, stop = offsets
     if stop - begin != math.prod(shape) * ITEMSIZE[dtype]:
-        raise ErnieError(f"{path}: tensor {name!r} byte range {offsets} does not match its shape {shape}")
+        raise ErnieError(f"{path}: tensor {name!r} byte range {offsets} does not match its shape {shape}; "
+                         "re-download or re-convert it")
     return TensorInfo(name, dtype, tuple(shape), path, base + begin, base + stop)
 
 
@@ -217,7 +218,7 @@ class Checkpoint:
                                  f"{self.directory}; an index may only name files beside it")
             path = self.directory / shard
             if not path.exists():
-                raise ErnieError(f"{self.index_file}: names shard {shard}, which is missing; "
+                raise ErnieError(f"{self.index_file}: names shard {shard!r}, which is missing; "
                                  "download the complete shard set")
             files.append(path)
         self._weight_map = weight_map

@@ -27,7 +27,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="FUZZ_EXAMPLES
                 database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
             "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1}
-NAMES = ["a", "b", "model.norm.weight", "x.y", "\u00e9t\u00e9", "__metadata__x"]
+NAMES = ["a", "b", "model.norm.weight", "x.y", "\u00e9t\u00e9", "__metadata__x", "two\nlines"]
 ODD_VALUES = [None, True, -1, 1.5, 2.0, "3", [], {}, [0], 2**64, -0.0, float("nan")]
 
 OPENED: list = []  # paths opened while recording; an audit hook cannot be removed, so it is installed once
@@ -121,7 +121,7 @@ def mutate(draw, header: dict, data: bytes) -> bytes:
             elif action == "replace":
                 entry["shape"] = draw(odd)
         elif kind == "dtype" and entry:
-            entry["dtype"] = draw(st.sampled_from(sorted(ITEMSIZE) + ["f32", "F8_E5M2", "X", ""]) | odd)
+            entry["dtype"] = draw(st.sampled_from(sorted(ITEMSIZE) + ["f32", "F8_E5M2", "X", "", "F\n32"]) | odd)
         elif kind == "entry" and names:
             name = draw(st.sampled_from(names))
             action = draw(st.sampled_from(["replace", "drop_key", "extra_key"]))
@@ -218,8 +218,8 @@ def write_valid(path: Path, tensors: dict):
 def index_candidates(directory: Path, outside: Path) -> list:
     return ["model-1.safetensors", "model-2.safetensors", "linked.safetensors", "missing.safetensors",
             "config.json", "subdir", "", ".", "..", "subdir/inner.safetensors", "../outside/outside.safetensors",
-            str(outside / "outside.safetensors"), str(directory / "model-1.safetensors"), "a\0b", 3, None,
-            ["model-1.safetensors"]]
+            str(outside / "outside.safetensors"), str(directory / "model-1.safetensors"), "a\0b",
+            "a\nb.safetensors", 3, None, ["model-1.safetensors"]]
 
 
 @FUZZ

@@ -128,7 +128,8 @@ def test_offsets_of_the_wrong_type_or_a_list_header(tmp_path, how):
 
 def test_integer_norm_weight(tmp_path):
     model = demo_copy(tmp_path)
-    tensors = [(n, "I16", s, r) if n == "model.norm.weight" else (n, c, s, r) for n, c, s, r in tensors_of(model / WEIGHTS)]
+    tensors = [(n, "I16", s, r) if n == "model.norm.weight" else (n, c, s, r)
+               for n, c, s, r in tensors_of(model / WEIGHTS)]
     write_tensors(model / WEIGHTS, tensors)
     phrases = ("model.safetensors: tensor 'model.norm.weight' is stored as int16", "must be float32, float16, bfloat16")
     convert_fails(model, tmp_path / "out", *phrases)
