@@ -213,12 +213,12 @@ class Checkpoint:
                              "names); re-download it")
         files = []
         for shard in dict.fromkeys(weight_map.values()):
-            if shard in ("", ".", "..") or "/" in shard or "\0" in shard:
+            if shard in ("", ".", "..") or "/" in shard or not shard.isprintable():
                 raise ErnieError(f"{self.index_file}: names shard {shard!r}, which is not a plain file name in "
                                  f"{self.directory}; an index may only name files beside it")
             path = self.directory / shard
             if not path.exists():
-                raise ErnieError(f"{self.index_file}: names shard {shard!r}, which is missing; "
+                raise ErnieError(f"{self.index_file}: names shard {shard}, which is missing; "
                                  "download the complete shard set")
             files.append(path)
         self._weight_map = weight_map
