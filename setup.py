@@ -14,7 +14,7 @@ setup(
     extras_require={
         "cpu": ["paddlepaddle>=3.1,<4"],
         "check": ["torch==2.13.0", "transformers>=4.54"],
-        "test": ["pytest>=7", "torch==2.13.0", "transformers>=4.54"],
+        "test": ["pytest>=7", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.54"],
         "hub": ["huggingface_hub>=0.20"],
     },
     entry_points={"console_scripts": ["ernie-paddle=ernie_paddle.cli:main", "convert=converters.cli:main"]},

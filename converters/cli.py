@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 
 from ernie_paddle.errors import ErnieError
@@ -45,10 +46,19 @@ def parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a conversion cleans up the same way."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv=None, prog: str = "convert") -> int:
     args = parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
     from .convert import paddle2pt, pt2paddle, verify  # after parsing: `--help` stays instant
 
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         if args.command == "verify":
             result = verify(args.a, args.b, allow_pickle=args.allow_pickle, progress=not args.quiet)
@@ -64,9 +74,14 @@ def main(argv=None, prog: str = "convert") -> int:
     except ErnieError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if result.skipped:
         print(f"skipped {len(result.skipped)} tensors the target layout does not hold "
               f"(tied lm_head copy, mtp_*): {', '.join(result.skipped[:3])}{' ...' if len(result.skipped) > 3 else ''}",

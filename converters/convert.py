@@ -8,13 +8,19 @@ nothing behind.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import json
+import os
 import pickle
 import secrets
 import shutil
+import signal
 import sys
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,6 +43,12 @@ METADATA = {PT: {"format": "pt"}, PADDLE: {"format": "np"}}
 # transformers loads ERNIE's SentencePiece model as a Llama tokenizer (the official Paddle->PT tool sets
 # this); Paddle stacks register the ERNIE class under this name (inferred from ERNIEKit's tools).
 TOKENIZER_CLASS = {PT: "LlamaTokenizer", PADDLE: "Ernie4_5_Tokenizer"}
+# What a model directory needs besides config.json and the weights, copied when SRC has it; nothing else
+# is (no sub-directories, no remote code, no stray files).
+MODEL_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+               "LICENSE", "LICENSE.txt", "NOTICE", "README.md")
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
 
 
 @dataclass
@@ -92,6 +104,9 @@ def convert(src, dst, target: str, dtype: str = "auto", overwrite: bool = False,
         raise ErnieError(f"--dtype {dtype}: expected auto, {', '.join(FLOAT_DTYPES)}")
     if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
         raise ErnieError(f"{dst}: DST would replace SRC {src}; choose another DST")
+    if src.resolve() in dst.resolve().parents:
+        raise ErnieError(f"{dst}: DST is inside SRC {src}; choose a DST outside the source model directory")
+    recover_overwritten(dst)
     if dst.exists() and not overwrite:
         raise ErnieError(f"{dst}: already exists; pass --overwrite to replace it")
     config = ErnieConfig.from_dir(src)
@@ -155,8 +170,7 @@ def compare(a: Tensor, b: Tensor) -> str | None:
     if not differs.any():
         return None
     where = np.unravel_index(int(np.argmax(differs)), differs.shape)
-    values = [cast(v[where].reshape(1), a.dtype, "float32")[0] if a.dtype in FLOAT_DTYPES else v[where]
-              for v in (x, y)]
+    values = [cast(v[where].reshape(1), a.dtype, "float32")[0] for v in (x, y)]
     return (f"tensor {a.name!r} differs in {int(differs.sum())} of {differs.size} elements; "
             f"first at index {list(map(int, where))}: {values[0]} in A vs {values[1]} in B")
 
@@ -219,7 +233,7 @@ def common_dtype(source, names) -> str:
 
 
 def output_dtype(paddle_name: str, src_dtype: str, requested: str) -> str:
-    if requested == "auto" or src_dtype not in FLOAT_DTYPES:
+    if requested == "auto":
         return src_dtype
     return "float32" if ROUTER.search(paddle_name) else requested
 
@@ -270,19 +284,18 @@ def write_config(out: Path, config: ErnieConfig, target: str, dtype: str | None)
 
 
 def copy_other_files(src: Path, out: Path, target: str):
-    """Tokenizer, generation_config.json, README, ...: copied; tokenizer_config.json adapted to the target."""
-    for item in sorted(src.iterdir()):
-        name = item.name
-        if name.startswith(".") or name == "config.json" or name.endswith((".safetensors", ".pdparams", ".index.json")):
+    """The files of MODEL_FILES that SRC has, copied; tokenizer_config.json adapted to the target."""
+    for name in MODEL_FILES:
+        item = src / name
+        if not item.exists():
             continue
+        if not item.is_file():
+            raise ErnieError(f"{item}: not a regular file; replace it with the real file or remove it")
         if name == "tokenizer_config.json":
             tokenizer_config = read_json(item)
             tokenizer_config["tokenizer_class"] = TOKENIZER_CLASS[target]
-            if target == PT:
-                tokenizer_config.pop("auto_map", None)  # remote tokenizer code is not needed by LlamaTokenizer
+            tokenizer_config.pop("auto_map", None)  # names remote tokenizer code, which is not copied
             write_json(out / name, tokenizer_config)
-        elif item.is_dir():
-            shutil.copytree(item, out / name)
         else:
             shutil.copy2(item, out / name)
 
@@ -293,8 +306,9 @@ def write_json(path: Path, data: dict):
 
 @contextmanager
 def staged(dst: Path):
-    """A hidden temporary sibling of `dst`, renamed to `dst` (replacing it) when the block succeeds and
-    removed, with any parent directories made for it, when it fails."""
+    """A hidden temporary sibling of `dst`, put in place of `dst` when the block succeeds and removed, with
+    any parent directories made for it, when it fails. SIGINT and SIGTERM wait out the swap and the
+    clean-up, so neither is cut in half."""
     made = [p for p in reversed(dst.parents) if not p.exists()]
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -304,21 +318,86 @@ def staged(dst: Path):
     try:
         try:
             yield tmp
+            with interrupts_ignored():
+                replace(dst, tmp)
         except OSError as e:
             raise ErnieError(f"{dst}: writing failed ({e.strerror or e}); nothing was written. "
                              "Free disk space or choose another DST") from None
-        if dst.exists() or dst.is_symlink():
-            old = hidden_sibling(dst, "old")
-            dst.rename(old / dst.name)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for parent in reversed(made):
-            parent.rmdir()
+        with interrupts_ignored():
+            shutil.rmtree(tmp, ignore_errors=True)
+            for parent in reversed(made):
+                parent.rmdir()
         raise
+
+
+def replace(dst: Path, tmp: Path):
+    """Put the finished `tmp` at `dst`. An existing `dst` is swapped with it in one step where Linux can
+    (renameat2 RENAME_EXCHANGE), then deleted; elsewhere it is first moved aside into a hidden
+    `.DST.old-*` sibling, from which `recover_overwritten` puts it back should the process die before
+    the second rename."""
+    if not (dst.exists() or dst.is_symlink()):
+        tmp.rename(dst)
+    elif exchange(tmp, dst):
+        remove(tmp)  # the old DST now
+    else:
+        old = hidden_sibling(dst, "old")
+        dst.rename(old / dst.name)
+        tmp.rename(dst)
+        remove(old)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the C library, the kernel or the file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
+def remove(path: Path):
+    """Best effort: DST is complete by now, and an old file that resists deletion only costs disk space."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with suppress(OSError):
+            path.unlink()
+
+
+def recover_overwritten(dst: Path):
+    """Put back a DST that an --overwrite, killed between its two renames, left in a hidden `.DST.old-*`
+    sibling, and say so."""
+    if dst.exists() or dst.is_symlink():
+        return
+    for old in sorted(dst.parent.glob(f".{glob.escape(dst.name)}.old-*")):
+        kept = old / dst.name
+        if kept.exists() or kept.is_symlink():
+            kept.rename(dst)
+            old.rmdir()
+            raise ErnieError(f"{dst}: an earlier --overwrite was interrupted after moving the previous DST aside; "
+                             f"it is now back in place (from {old.name}). Run the command again")
+
+
+@contextmanager
+def interrupts_ignored():
+    """SIGINT and SIGTERM ignored within the block: for steps that must not stop halfway (only the main
+    thread can set signal handlers; elsewhere the block runs unprotected)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def hidden_sibling(dst: Path, role: str) -> Path:

@@ -8,9 +8,11 @@ the dtype name "bfloat16"; they are only widened (exactly) when a float32 copy i
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,40 +52,110 @@ class TensorInfo:
         return self.end - self.start
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
+ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
 def read_header(path: Path) -> tuple[dict, dict]:
-    """Parse and validate one safetensors file's header: ({name: TensorInfo}, metadata)."""
+    """Parse and validate one safetensors file's header as the safetensors library does: a JSON object of
+    entries whose byte ranges, in order, tile the data exactly (no gap, no overlap, nothing after the last),
+    each as long as its dtype and shape say. Returns ({name: TensorInfo}, metadata)."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise ErnieError(f"{path}: truncated safetensors file (no header); re-download or re-convert it")
             (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 << 20):
+            if n > min(size - 8, MAX_HEADER_BYTES):
                 raise ErnieError(f"{path}: corrupt safetensors header (length {n}); re-download or re-convert it")
-            raw = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ErnieError(f"{path}: corrupt safetensors header (not JSON); re-download or re-convert it") from None
+            text = f.read(n).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ErnieError(f"{path}: corrupt safetensors header (not UTF-8); re-download or re-convert it") from None
     except OSError as e:
         raise ErnieError(f"{path}: cannot read ({e.strerror})") from None
-    metadata = raw.pop("__metadata__", None) or {}
+    raw = parse_header_json(path, text)
+    metadata = raw.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ErnieError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings); "
+                         "re-download or re-convert it")
     base = 8 + n
-    tensors = {}
-    for name, entry in raw.items():
-        try:
-            code, shape, (begin, stop) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ErnieError(f"{path}: corrupt safetensors entry for tensor {name!r}") from None
-        if code not in DTYPES:
-            raise ErnieError(f"{path}: tensor {name!r} has unsupported dtype {code}")
-        dtype = DTYPES[code][0]
-        if stop - begin != int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype] or begin < 0:
-            raise ErnieError(f"{path}: tensor {name!r} byte range does not match its shape {list(shape)}")
-        if base + stop > size:
-            raise ErnieError(f"{path}: truncated safetensors file (tensor {name!r} ends past the end of the "
-                             f"file, {base + stop} > {size} bytes); re-download or re-convert it")
-        tensors[name] = TensorInfo(name, dtype, shape, path, base + begin, base + stop)
+    tensors = {name: tensor_info(path, name, entry, base) for name, entry in raw.items()}
+    end = base
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start != end:
+            what = "overlaps the tensor before it" if info.start < end else "leaves a gap before it"
+            raise ErnieError(f"{path}: corrupt safetensors header (tensor {info.name!r} {what}: data_offsets "
+                             f"[{info.start - base}, {info.end - base}]); re-download or re-convert it")
+        end = info.end
+    if end > size:
+        name = max(tensors.values(), key=lambda t: t.end).name
+        raise ErnieError(f"{path}: truncated safetensors file (tensor {name!r} ends past the end of the "
+                         f"file, {end} > {size} bytes); re-download or re-convert it")
+    if end < size:
+        raise ErnieError(f"{path}: corrupt safetensors file ({size - end} bytes after the last tensor); "
+                         "re-download or re-convert it")
     return tensors, metadata
+
+
+def open_regular_file(path: Path):
+    """`path` opened for binary reading, refused unless it is a regular file: opening a FIFO would block."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ErnieError(f"{path}: not a regular file; replace it with the real file")
+    return os.fdopen(fd, "rb")
+
+
+def parse_header_json(path: Path, text: str) -> dict:
+    """The header's JSON object, with the safetensors library's strictness where Python's json module is
+    lenient: no duplicate keys, no NaN or Infinity, "-0" is a float, strings are valid Unicode."""
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError("duplicate key")
+        return dict(pairs)
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    try:
+        raw = json.loads(text, object_pairs_hook=unique, parse_constant=refuse,
+                         parse_int=lambda s: -0.0 if s == "-0" else int(s))
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")  # lone surrogates, which JSON escapes can make
+    except (ValueError, RecursionError, UnicodeEncodeError):  # JSONDecodeError is a ValueError
+        raise ErnieError(f"{path}: corrupt safetensors header (not JSON); re-download or re-convert it") from None
+    if not isinstance(raw, dict):
+        raise ErnieError(f"{path}: corrupt safetensors header (not a JSON object); re-download or re-convert it")
+    return raw
+
+
+def is_size(value) -> bool:
+    """A JSON integer the safetensors library reads as a size (u64): not a float, not a bool."""
+    return type(value) is int and 0 <= value < 1 << 64
+
+
+def tensor_info(path: Path, name: str, entry, base: int) -> TensorInfo:
+    if not isinstance(entry, dict) or entry.keys() != ENTRY_KEYS:
+        raise ErnieError(f"{path}: corrupt safetensors entry for tensor {name!r} (expected exactly the keys "
+                         "dtype, shape, data_offsets); re-download or re-convert it")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(code, str) or code not in DTYPES:
+        raise ErnieError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
+    if not isinstance(shape, list) or not all(is_size(d) for d in shape):
+        raise ErnieError(f"{path}: corrupt safetensors entry for tensor {name!r} (shape {shape} is not a list of "
+                         "non-negative integers); re-download or re-convert it")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_size(o) for o in offsets):
+        raise ErnieError(f"{path}: corrupt safetensors entry for tensor {name!r} (data_offsets {offsets} is not "
+                         "a pair of non-negative integers); re-download or re-convert it")
+    dtype = DTYPES[code][0]
+    begin, stop = offsets
+    if stop - begin != math.prod(shape) * ITEMSIZE[dtype]:
+        raise ErnieError(f"{path}: tensor {name!r} byte range {offsets} does not match its shape {shape}; "
+                         "re-download or re-convert it")
+    return TensorInfo(name, dtype, tuple(shape), path, base + begin, base + stop)
 
 
 class Checkpoint:
@@ -100,32 +172,24 @@ class Checkpoint:
         for file in self._weight_files():
             tensors, metadata = read_header(file)
             self.metadata = self.metadata or metadata
+            twice = next((n for n in tensors if n in self.tensors), None)
+            if twice:
+                raise ErnieError(f"{file}: tensor {twice!r} is also in {self.tensors[twice].file.name}; "
+                                 "the shards overlap: download the complete, consistent shard set")
             self.tensors.update(tensors)
         if not self.tensors:
             raise ErnieError(f"{self.directory}: the safetensors files hold no tensors")
         for name, shard in self._weight_map.items():
-            if name not in self.tensors:
+            if name not in self.tensors or self.tensors[name].file.name != shard:
                 raise ErnieError(f"{self.index_file}: names tensor {name!r} in {shard}, which does not hold it; "
                                  "download the complete shard set")
         self._maps: dict[Path, mmap.mmap] = {}
 
     def _weight_files(self) -> list[Path]:
         if self.index_file.is_file():
-            try:
-                weight_map = json.loads(self.index_file.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ErnieError(f"{self.index_file}: corrupt index (no weight_map)") from None
-            files = []
-            for shard in dict.fromkeys(weight_map.values()):
-                path = self.directory / shard
-                if not path.is_file():
-                    raise ErnieError(f"{self.index_file}: names shard {shard}, which is missing; "
-                                     "download the complete shard set")
-                files.append(path)
-            self._weight_map = weight_map
-            return files
+            return self._indexed_files()
         single = self.directory / SINGLE_FILE
-        if single.is_file():
+        if os.path.lexists(single):
             return [single]
         others = sorted(self.directory.glob("*.safetensors"))
         if others:
@@ -134,6 +198,31 @@ class Checkpoint:
             raise ErnieError(f"{self.directory}: only *.pdparams weights found; convert them first with "
                              "`convert pt2paddle`/`paddle2pt --allow-pickle` or use safetensors weights")
         raise ErnieError(f"{self.directory}: no model.safetensors or {INDEX_FILE} found")
+
+    def _indexed_files(self) -> list[Path]:
+        """The shards the index names: plain file names in this directory (a symlink there, as the hub cache
+        makes, is followed; a path that leads elsewhere is refused before anything is opened)."""
+        try:
+            weight_map = json.loads(self.index_file.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError, IndexError):  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            raise ErnieError(f"{self.index_file}: corrupt index (no weight_map); re-download it") from None
+        except OSError as e:
+            raise ErnieError(f"{self.index_file}: cannot read ({e.strerror})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise ErnieError(f"{self.index_file}: corrupt index (weight_map must map tensor names to shard file "
+                             "names); re-download it")
+        files = []
+        for shard in dict.fromkeys(weight_map.values()):
+            if shard in ("", ".", "..") or "/" in shard or not shard.isprintable():
+                raise ErnieError(f"{self.index_file}: names shard {shard!r}, which is not a plain file name in "
+                                 f"{self.directory}; an index may only name files beside it")
+            path = self.directory / shard
+            if not path.exists():
+                raise ErnieError(f"{self.index_file}: names shard {shard}, which is missing; "
+                                 "download the complete shard set")
+            files.append(path)
+        self._weight_map = weight_map
+        return files
 
     @property
     def names(self) -> list[str]:
@@ -144,9 +233,13 @@ class Checkpoint:
         return detect_layout(self.tensors, self.directory)
 
     def dtype(self, name: str) -> str:
-        dtype = self.tensors[name].dtype
-        # Paddle writers store bf16 as U16 raw bits.
-        return "bfloat16" if dtype == "uint16" else dtype
+        """The float dtype weight `name` is stored in; any other is refused, naming the file and tensor."""
+        info = self.tensors[name]
+        dtype = "bfloat16" if info.dtype == "uint16" else info.dtype  # Paddle writers store bf16 as U16 raw bits
+        if dtype not in FLOAT_DTYPES:
+            raise ErnieError(f"{info.file}: tensor {name!r} is stored as {dtype}, but a weight must be "
+                             f"{', '.join(FLOAT_DTYPES)}; re-convert it from the original checkpoint")
+        return dtype
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only array backed by the file (bf16 as uint16 bits)."""

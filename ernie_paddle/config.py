@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,7 +149,7 @@ class ErnieConfig:
                 num_hidden_layers=int(raw["num_hidden_layers"]),
                 num_attention_heads=heads,
                 num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-                head_dim=int(raw.get("head_dim") or hidden // heads),
+                head_dim=int(raw.get("head_dim") or (hidden // heads if heads > 0 else 0)),
                 rope_theta=float(raw.get("rope_theta", rope.get("rope_theta", 500000.0))),
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
                 max_position_embeddings=int(raw.get("max_position_embeddings", 131072)),
@@ -166,6 +167,13 @@ class ErnieConfig:
             raise ErnieError(f"{source}: missing key {e.args[0]!r}; is this an ERNIE 4.5 config.json?") from None
         except (TypeError, ValueError) as e:
             raise ErnieError(f"{source}: bad value ({e})") from None
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if getattr(cfg, key) < 1:
+                raise ErnieError(f"{source}: {key} is {getattr(cfg, key)}; it must be a positive integer")
+        if not (0 < cfg.rope_theta < math.inf and 0 <= cfg.rms_norm_eps < math.inf):  # NaN fails too
+            raise ErnieError(f"{source}: rope_theta {cfg.rope_theta} must be finite and > 0, rms_norm_eps "
+                             f"{cfg.rms_norm_eps} finite and >= 0")
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise ErnieError(f"{source}: num_attention_heads {heads} is not a multiple of "
                              f"num_key_value_heads {cfg.num_key_value_heads}")

@@ -19,6 +19,7 @@ from .config import ErnieConfig
 from .errors import ErnieError
 from .generate import Chunk, GenerationSettings, stream_batch
 from .model import ErnieForCausalLM, causal_mask
+from .sampling import check_sampling
 from .tokenizer import Tokenizer
 
 paddle = devices.import_paddle()
@@ -203,8 +204,7 @@ class ErniePredictor:
 
     def _settings(self, max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty,
                   prompt_lens) -> GenerationSettings:
-        if repetition_penalty <= 0:
-            raise ErnieError(f"repetition_penalty {repetition_penalty}: must be > 0 (1 disables it)")
+        sampling = check_sampling(temperature, top_p, top_k, repetition_penalty, seed)
         if max_new_tokens < 1:
             raise ErnieError(f"max_new_tokens {max_new_tokens}: must be at least 1")
         if max(prompt_lens) + max_new_tokens > self.config.max_position_embeddings:
@@ -212,8 +212,7 @@ class ErniePredictor:
                              f"the model's {self.config.max_position_embeddings} positions")
         if isinstance(stop, str):
             stop = [stop]
-        return GenerationSettings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                                  [s for s in (stop or []) if s])
+        return GenerationSettings(max_new_tokens, stop=[s for s in (stop or []) if s], **sampling)
 
     def _tokenizer_for_text(self) -> Tokenizer:
         return self.tokenizer or _NoTextTokenizer()
