@@ -283,6 +283,7 @@ class _NoTextTokenizer:
 
 
 def run_generate(args) -> int:
+    check_sampling(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)  # before loading
     pred = ErniePredictor.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                           weight_dtype=args.weight_dtype)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
