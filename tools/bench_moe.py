@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,6 +106,29 @@ def wait_for_idle_cpu(limit: float = 0.25, timeout: float = 120.0) -> float:
             return busy
 
 
+def measure_load(directory: str, new_tokens: int, quantization: str | None = None) -> dict:
+    """In a fresh process: load, generate `new_tokens`; the load time, peak RSS, held weights and KV cache."""
+    from ernie_paddle import ErniePredictor
+    from ernie_paddle.bench import peak_memory, weight_bytes
+
+    start = time.perf_counter()
+    pred = ErniePredictor.from_pretrained(directory, device="cpu", dtype="float32", progress=False,
+                                          **({"quantization": quantization} if quantization else {}))
+    loaded = time.perf_counter()
+    result = pred.generate([list(range(3, 3 + PROMPT_LEN))], max_new_tokens=new_tokens)[0]
+    c = pred.config
+    kv_cache = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (PROMPT_LEN + new_tokens) * 4
+    return dict(load_s=loaded - start, peak_rss_bytes=peak_memory("cpu"), weight_bytes=weight_bytes(pred.model),
+                kv_cache_bytes=kv_cache, decode_tps=result.generation_tps)
+
+
+def fresh_process_load(directory: Path, new_tokens: int, quantization: str | None = None) -> dict:
+    command = [sys.executable, __file__, "--measure-load", str(directory), "--new-tokens", str(new_tokens)]
+    if quantization:
+        command += ["--quantization", quantization]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
 def ours(directory: Path):
     from ernie_paddle import ErniePredictor
     from ernie_paddle.bench import time_generation
@@ -151,7 +175,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip transformers (it holds 4x the bytes)")
     parser.add_argument("--keep", default=None, help="write the checkpoints here and reuse them next time")
     parser.add_argument("--json", default=None, help="write every round's figures to this file")
+    parser.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)  # the fresh-process part
+    parser.add_argument("--quantization", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.measure_load:
+        print(json.dumps(measure_load(args.measure_load, args.new_tokens, args.quantization)))
+        return 0
 
     moe_config = {**MOE_21B, "num_hidden_layers": args.layers, "moe_layer_end_index": args.layers - 1}
     with tempfile.TemporaryDirectory() as scratch:
@@ -163,6 +192,7 @@ def main(argv=None) -> int:
             write_random_checkpoint(dense_dir, DENSE_03B, "Ernie4_5ForCausalLM", "ernie4_5")
         from ernie_paddle.bench import random_prompts, step_bytes, weight_bytes
 
+        load = fresh_process_load(moe_dir, args.new_tokens)
         moe_model, moe_run = ours(moe_dir)
         dense_model, dense_run = ours(dense_dir)
         systems = {"moe": moe_run, "dense": dense_run}
@@ -216,8 +246,12 @@ def main(argv=None) -> int:
         print(line)
     print(f"distinct experts read per MoE layer and step: batch 1 {experts_b1:.2f}, batch {args.batch} "
           f"{experts_batch:.2f} (of {MOE_21B['moe_num_experts']}; top-{MOE_21B['moe_k']})")
+    limit = 1.3 * load["weight_bytes"] + load["kv_cache_bytes"]
+    print(f"fresh process: loaded in {load['load_s']:.1f} s; peak RSS of a {args.new_tokens}-token run "
+          f"{load['peak_rss_bytes'] / 1e9:.2f} GB = {load['peak_rss_bytes'] / load['weight_bytes']:.2f}x the held "
+          f"weights (limit 1.3x + KV cache: {limit / 1e9:.2f} GB)")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(layers=args.layers, rounds=rounds, step_bytes=read,
+        Path(args.json).write_text(json.dumps(dict(layers=args.layers, rounds=rounds, step_bytes=read, load=load,
                                                    step_bytes_28_layers=full, distinct_experts_b1=experts_b1,
                                                    distinct_experts_batch=experts_batch, batch=args.batch), indent=1))
     return 0
