@@ -186,7 +186,7 @@ def run_bench(args) -> int:
         raise ErnieError(f"--warmup {args.warmup}: must be at least 0")
     start = time.perf_counter()
     pred = ErniePredictor.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                          weight_dtype=args.weight_dtype)
+                                          weight_dtype=args.weight_dtype, quantization=args.quantization)
     load_s = time.perf_counter() - start
     limit = pred.config.max_position_embeddings
     if max(input_lens) + max(output_lens) > limit:

@@ -52,6 +52,10 @@ STRICT = Thresholds(min_cosine=0.99999, max_abs_dp=1e-4, max_kl=1e-5, min_top1=1
 # A 16-bit candidate against a float32 reference: each weight and activation rounded to 8 bits of mantissa
 # moves probabilities by about 1e-3; greedy decoding may leave the reference's path at any later near tie.
 LOOSE = Thresholds(min_cosine=0.99, max_abs_dp=0.05, max_kl=0.02, min_top1=0.9, min_greedy=0.0)
+# A wint8 / wint4 candidate (quantized at load) against the same weights in float32: each weight rounded to
+# 8 or 4 bits (a scale per 32) and each activation to 8 bits, as llama.cpp's Q8_0 / Q4_0 do.
+QUANTIZED = {"wint8": Thresholds(min_cosine=0.999, max_abs_dp=0.02, max_kl=0.005, min_top1=0.9, min_greedy=0.0),
+             "wint4": Thresholds(min_cosine=0.98, max_abs_dp=0.1, max_kl=0.05, min_top1=0.8, min_greedy=0.0)}
 
 
 @dataclass
@@ -302,11 +306,13 @@ def candidate_precision(dtype: str, weights: str, reference_weights: str) -> str
     when those are 16-bit and the reference's are not (a bf16 conversion checked against its fp32 source)."""
     if dtype != "float32":
         return dtype
+    if weights in QUANTIZED:
+        return weights
     return weights if weights in ("bfloat16", "float16") and reference_weights == "float32" else "float32"
 
 
 def thresholds_from_args(args, precision: str) -> Thresholds:
-    base = STRICT if precision == "float32" else LOOSE
+    base = STRICT if precision == "float32" else QUANTIZED.get(precision, LOOSE)
     overrides = {f.name: getattr(args, f.name) for f in fields(Thresholds) if getattr(args, f.name) is not None}
     return replace(base, **overrides)
 
@@ -400,7 +406,7 @@ def run_check(args) -> int:
     prompts = load_prompts(args.prompts)
 
     candidate = ErniePredictor.from_pretrained(model_dir, device=args.device, dtype=args.dtype,
-                                               weight_dtype=args.weight_dtype)
+                                               weight_dtype=args.weight_dtype, quantization=args.quantization)
     tokenizer = candidate.tokenizer
     if tokenizer is None:
         raise ErnieError(f"{model_dir}: no tokenizer.model, which the checker needs to encode its prompts")
@@ -424,7 +430,8 @@ def run_check(args) -> int:
     note = None if args.reference_model else (
         "both sides load the weights of --model: this shows that the implementations and devices agree, not that "
         "the weights are right; pass --reference-model DIR (e.g. the original of a conversion) to check those")
-    profile = f"{precision} candidate against a float32 reference: {'strict' if precision == 'float32' else 'loose'}"
+    kind = "strict" if precision == "float32" else "quantized" if precision in QUANTIZED else "loose"
+    profile = f"{precision} candidate against a float32 reference: {kind}"
 
     print(f"reference: {reference.label}")
     print(f"candidate: {cand_side.label}")

@@ -18,6 +18,11 @@ def _device_args(p, default_dtype="auto"):
                         "float32 on CPU (exact, half the memory); float32 widens them at load")
 
 
+def _quantization_arg(p):
+    p.add_argument("--quantization", default=None, choices=["wint8", "wint4"],
+                   help="quantize the weight matrices as they load (CPU): 8 or 4 bits with a scale per 32 weights")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ernie-paddle", description="ERNIE 4.5 on PaddlePaddle")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -36,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     _device_args(p)
+    _quantization_arg(p)
 
     p = sub.add_parser("demo", help="the whole loop on the embedded tiny model")
     _device_args(p)
@@ -60,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-greedy", type=float, default=None,
                    help="fraction of greedy tokens generated identically (default 1.0 fp32, 0 bf16/fp16)")
     _device_args(p)
+    _quantization_arg(p)
 
     p = sub.add_parser("bench", help="latency / throughput / TPOT table")
     p.add_argument("--model", required=True)
@@ -70,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, help="runs per cell; the fastest is reported")
     p.add_argument("--json", dest="json_out", default=None, help="write every figure to this JSON file")
     _device_args(p)
+    _quantization_arg(p)
 
     p = sub.add_parser("deploy", help="write a FastDeploy / vLLM / vLLM-Ascend serving config")
     p.add_argument("engine", choices=["fastdeploy", "vllm", "vllm-ascend"])

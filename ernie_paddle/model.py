@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cpu_ops, device
+from . import cpu_ops, device, quant
 from .config import ErnieConfig
 from .device import import_paddle
 
@@ -30,10 +30,39 @@ EagerParamBase = paddle.base.framework.EagerParamBase
 MASKED = -1e30  # additive mask value: exp() underflows to exactly 0, and stays finite (no NaN rows)
 
 
-def _weight(shape, dtype) -> paddle.Tensor:
+def _weight(shape, dtype):
+    """A weight as the model holds it: a tensor of `dtype`, or for "wint8" / "wint4" a Packed one."""
+    if dtype in quant.FORMATS:
+        return Packed(shape, dtype)
     # Uninitialised: the loader overwrites every weight; zero-filling them first took 1.0 s of a
     # 2.4 s load of the 0.3B model.
     return EagerParamBase.from_tensor(paddle.empty(list(shape), dtype))
+
+
+class Packed(nn.Layer):
+    """A weight matrix [N, K], or a stack of experts' [E, N, K], quantized at load as wint8 / wint4
+    (quant.py's layout: integers, and a float16 scale per group along K); the CPU kernels read it."""
+
+    def __init__(self, shape, format: str):
+        super().__init__()
+        *lead, n, self.k = shape
+        padded = -(-self.k // quant.GROUP) * quant.GROUP
+        eight = quant.FORMATS[format] == 8
+        self.format = format
+        self.data = _weight([*lead, n, padded if eight else padded // 2], "int8" if eight else "uint8")
+        self.scales = _weight([*lead, n, padded // quant.GROUP], "float16")
+
+    @property
+    def shape(self) -> list[int]:
+        return [*self.data.shape[:-1], self.k]
+
+    def dequantized(self, rows=None):
+        """float32 [N, K], or [len(rows), K] of the given rows (an embedding lookup)."""
+        if rows is None:
+            return cpu_ops.dequantize(self.data, self.scales, self.k)
+        flat = rows.flatten()
+        table = cpu_ops.dequantize(paddle.gather(self.data, flat), paddle.gather(self.scales, flat), self.k)
+        return table.reshape([*rows.shape, self.k])
 
 
 class RMSNorm(nn.Layer):
@@ -55,11 +84,15 @@ class RMSNorm(nn.Layer):
 
 def project(x, w):
     """x [..., K] @ w^T for a weight matrix w [N, K] as the model holds it (the tied embedding too,
-    as the lm_head). On CPU, decoding (a few rows) runs the weight-streaming kernel of cpu_ops.py,
-    which widens bfloat16 weights as it reads them; longer inputs widen them first for MKL. Without
-    the kernel, for 8 to 32 rows MKL is 1.2-2.3x faster computing w @ x^T and transposing the small
-    result."""
+    as the lm_head). On CPU, decoding (a few rows) runs the weight-streaming kernels of cpu_ops.py,
+    which widen bfloat16 weights as they read them or take wint8 / wint4 ones as integers; longer
+    inputs widen the matrix first for MKL. Without the kernels, for 8 to 32 rows MKL is 1.2-2.3x
+    faster computing w @ x^T and transposing the small result."""
     rows = math.prod(x.shape[:-1])
+    if isinstance(w, Packed):  # only on CPU, with the kernels (predictor.py checks)
+        if rows <= cpu_ops.MAX_ROWS:
+            return cpu_ops.quant_matmul(x, w.data, w.scales)
+        return paddle.matmul(x, w.dequantized(), transpose_y=True)
     if not w.place.is_cpu_place():
         return paddle.matmul(x, w, transpose_y=True)
     if rows <= cpu_ops.MAX_ROWS and x.dtype == paddle.float32 and cpu_ops.available():
@@ -258,6 +291,8 @@ def project_grouped(x, w, offsets):
     """Rows offsets[e]..offsets[e + 1] of x [R, K] @ w[e]^T, for stacked matrices w [E, N, K]. On CPU
     one kernel call that streams each used expert's matrix once (cpu_ops.py); elsewhere an expert at
     a time."""
+    if isinstance(w, Packed):
+        return cpu_ops.grouped_quant_matmul(x, w.data, w.scales, offsets)
     if w.place.is_cpu_place() and x.dtype == paddle.float32 and cpu_ops.available():
         return cpu_ops.grouped_matmul(x, w, offsets)
     bounds = offsets.numpy().tolist()
@@ -305,20 +340,26 @@ class ErnieForCausalLM(nn.Layer):
         weight_dtype = weight_dtype or dtype
         self.config = config
         self.dtype_name, self.weight_dtype = dtype, weight_dtype
+        head_dtype = quant.HEAD_FORMAT.get(weight_dtype, weight_dtype)  # wint4 models keep a wint8 head
         self.ernie = nn.Layer()
-        self.ernie.embed_tokens = _weight([config.vocab_size, config.hidden_size], weight_dtype)
+        self.ernie.embed_tokens = _weight([config.vocab_size, config.hidden_size], head_dtype)
         self.ernie.layers = nn.LayerList([DecoderLayer(config, dtype, weight_dtype, i)
                                           for i in range(config.num_hidden_layers)])
         self.ernie.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = None if config.tie_word_embeddings else \
-            _weight([config.vocab_size, config.hidden_size], weight_dtype)
+            _weight([config.vocab_size, config.hidden_size], head_dtype)
         self.rope = Rope(config)
 
-    def load_targets(self) -> dict[str, tuple[paddle.Tensor, int | None]]:
+    def load_targets(self) -> dict[str, tuple]:
         """Where each -Paddle checkpoint tensor goes (the Linear weights transposed: [out, in]):
-        (parameter, None), or (stacked experts' parameter, expert index) for an expert's matrix."""
+        (parameter or Packed, None), or (a stack of experts' matrices, expert index) for an expert's."""
+        held = {name: p for name, p in self.named_parameters()}
+        for name, packed in self.named_sublayers():
+            if isinstance(packed, Packed):
+                del held[f"{name}.data"], held[f"{name}.scales"]
+                held[name] = packed
         out = {}
-        for name, p in self.named_parameters():
+        for name, p in held.items():
             layer, _, last = name.rpartition(".")
             if layer.endswith(".experts"):
                 out.update({f"{layer}.{e}.{last}.weight": (p, e) for e in range(p.shape[0])})
@@ -336,7 +377,8 @@ class ErnieForCausalLM(nn.Layer):
         keys attended: the T new tokens when `start` is 0 or there is no cache, else the whole cache
         (the positions not written yet masked).
         Returns float32 logits [B, T, V], or [B, V] for the last position when `last_only`."""
-        x = F.embedding(input_ids, self.ernie.embed_tokens)
+        table = self.ernie.embed_tokens
+        x = table.dequantized(input_ids) if isinstance(table, Packed) else F.embedding(input_ids, table)
         if self.weight_dtype != self.dtype_name:
             x = x.astype(self.dtype_name)
         rotate = self.rope.at(positions)

@@ -12,13 +12,13 @@ import numpy as np
 
 from converters import mapping
 
-from . import cpu_ops
+from . import cpu_ops, quant
 from . import device as devices
 from .checkpoint import CODES, DTYPES, ITEMSIZE, Checkpoint, cast, resolve_model_dir
 from .config import ErnieConfig
 from .errors import ErnieError
 from .generate import Chunk, GenerationSettings, stream_batch
-from .model import ErnieForCausalLM, causal_mask
+from .model import ErnieForCausalLM, Packed, causal_mask
 from .sampling import check_sampling
 from .tokenizer import Tokenizer
 
@@ -88,6 +88,8 @@ def _fill(param, expert: int | None, ckpt: Checkpoint, group: mapping.Group, lay
     stacked), and -Paddle ones [in, out]: those are transposed block by block as they are read. A CPU
     parameter is written in place through a numpy view of its memory, so loading never holds a second
     whole copy of a tensor: peak memory stays close to the weights themselves."""
+    if isinstance(param, Packed):
+        return _fill_packed(param, expert, ckpt, group, layout)
     on_cpu = param.place.is_cpu_place()
     dtype = str(param.dtype).removeprefix("paddle.")
     shape = param.shape[1:] if expert is not None else param.shape
@@ -110,6 +112,28 @@ def _fill(param, expert: int | None, ckpt: Checkpoint, group: mapping.Group, lay
         else:
             with paddle.no_grad():
                 param[expert] = paddle.to_tensor(held, place=param.place)
+
+
+def _fill_packed(packed: Packed, expert: int | None, ckpt: Checkpoint, group: mapping.Group, layout: str):
+    """Quantize one matrix (or one expert's) as it loads: each checkpoint tensor is read whole (bf16 as
+    stored, other dtypes as float32), made [out, in], and packed into the model's integers and scales.
+    Loading holds the quantized model and one tensor at a time."""
+    data, scales = _host_view(packed.data), _host_view(packed.scales)
+    if expert is not None:
+        data, scales = data[expert], scales[expert]
+    row = 0
+    for name in [group.paddle] if layout == "paddle" else group.pt:
+        info = ckpt.tensors[name]
+        dtype = "bfloat16" if ckpt.dtype(name) == "bfloat16" else "float32"
+        matrix = np.empty(info.shape, DTYPES[CODES[dtype]][1])
+        _read_blocks(ckpt, name, matrix, dtype)
+        if layout == "paddle" and group.how != mapping.COPY:  # [in, out] -> [out, in]
+            rows = np.empty(matrix.shape[::-1], matrix.dtype)
+            cpu_ops.copy_transposed(matrix, rows)
+            matrix = rows
+        packed_rows = quant.quantize(matrix, packed.format)
+        data[row:row + len(matrix)], scales[row:row + len(matrix)] = packed_rows.data, packed_rows.scales
+        row += len(matrix)
 
 
 def _host_view(param) -> np.ndarray:
@@ -146,8 +170,22 @@ def _read_blocks(ckpt: Checkpoint, name: str, out: np.ndarray, dtype: str, trans
         raise ErnieError(f"{info.file}: cannot read tensor {name!r} ({e.strerror})") from None
 
 
-def resolve_weight_dtype(requested: str, place: str, dtype: str, ckpt: Checkpoint) -> str:
-    """The dtype of the weight matrices for `from_pretrained(weight_dtype=requested)`."""
+def resolve_weight_dtype(requested: str, place: str, dtype: str, ckpt: Checkpoint, quantization: str | None) -> str:
+    """How the weight matrices are held for `from_pretrained(weight_dtype=requested, quantization=...)`:
+    a dtype, or "wint8" / "wint4"."""
+    if quantization is not None:
+        if quantization not in quant.FORMATS:
+            raise ErnieError(f"--quantization {quantization}: choose wint8 or wint4 (or leave it out)")
+        if requested not in (None, "auto"):
+            raise ErnieError(f"--weight-dtype {requested} with --quantization {quantization}: give one of the two")
+        if place != "cpu" or dtype != "float32":
+            raise ErnieError(f"--quantization {quantization} runs on CPU in float32 here (--device cpu); on GPUs "
+                             f"serve the model with FastDeploy: ernie-paddle deploy fastdeploy --quantization "
+                             f"{quantization}")
+        if not cpu_ops.available():
+            raise ErnieError(f"--quantization {quantization} needs the CPU kernels, which are unavailable here "
+                             "(see the line above); install a C++ compiler or leave --quantization out")
+        return quantization
     stored = {ckpt.dtype(n) for n, info in ckpt.tensors.items()
               if len(info.shape) == 2 and not mapping.ROUTER.search(n)}  # the MoE router stays float32
     on_cpu = place == "cpu" and dtype == "float32"
@@ -169,11 +207,13 @@ class ErniePredictor:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, device: str = "auto", dtype: str = "auto",
-                        progress: bool = True, weight_dtype: str = "auto") -> "ErniePredictor":
+                        progress: bool = True, weight_dtype: str = "auto",
+                        quantization: str | None = None) -> "ErniePredictor":
         """`dtype` is what the model computes in; `weight_dtype` what its weight matrices are held in:
         "auto" keeps a bfloat16 checkpoint's matrices in bfloat16 under float32 on CPU (exact: the
         kernels widen them as they read them, the same float32 results from half the memory and
-        bandwidth), and is otherwise `dtype`. "float32" forces float32 copies."""
+        bandwidth), and is otherwise `dtype`. "float32" forces float32 copies. `quantization`
+        "wint8" or "wint4" (CPU) quantizes the matrices as they load instead (quant.py)."""
         directory = resolve_model_dir(str(model))
         config = ErnieConfig.from_dir(directory)
         place = devices.resolve(device)
@@ -181,7 +221,7 @@ class ErniePredictor:
         ckpt = Checkpoint(directory)
         try:
             tokenizer = Tokenizer(directory) if (directory / "tokenizer.model").is_file() else None
-            net = ErnieForCausalLM(config, dtype, resolve_weight_dtype(weight_dtype, place, dtype, ckpt))
+            net = ErnieForCausalLM(config, dtype, resolve_weight_dtype(weight_dtype, place, dtype, ckpt, quantization))
             load_weights(net, ckpt, progress)
         finally:
             ckpt.close()
@@ -285,7 +325,7 @@ class _NoTextTokenizer:
 def run_generate(args) -> int:
     check_sampling(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)  # before loading
     pred = ErniePredictor.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                          weight_dtype=args.weight_dtype)
+                                          weight_dtype=args.weight_dtype, quantization=args.quantization)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty)
     if args.stream:
