@@ -38,6 +38,10 @@ constexpr int kQuantBlock = 32;  // G and the x padding are multiples of this
 // w rows per tile: 3 x 4 accumulators on AVX2 left too few of its 16 registers for the dequantizing
 // (measured: 2 x 4 ran the 8-row step 1.3x as fast); AVX-512 has 32.
 constexpr int kQuantTileRows = kLanes == 16 ? 4 : 2;
+#ifndef ERNIE_QUANT_WIDE
+#define ERNIE_QUANT_WIDE 4
+#endif
+constexpr int kQuantWideRows = ERNIE_QUANT_WIDE;
 
 struct QuantMatrix {
   const uint8_t* data;     // wint8 bytes are int8
@@ -99,38 +103,56 @@ inline void prepare_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int b
 
 // XR prepared x rows against WR weight rows starting at row n: XR * WR dot products, each in one
 // vector register, in k order (a lane adds k, k + kLanes, ...: the float32 kernel's order).
-template <int XR, int WR>
+template <int BITS, int XR, int WR>
 inline void quant_tile(const float* x, const QuantMatrix& w, int64_t n, float* y, int64_t y_stride, bool prefetch) {
   Vec acc[XR * WR] = {};
-  const int64_t Kp = w.Kp, groups = Kp / w.group, row_bytes = w.row_bytes();
+  const int64_t Kp = w.Kp, groups = Kp / w.group, blocks_per_group = w.group / kQuantBlock, row_bytes = w.row_bytes();
   const uint8_t* data = w.data + n * row_bytes;
   const uint16_t* scales = w.scales + n * groups;
-  for (int64_t g = 0; g < groups; ++g) {
-    float s[WR];
-    for (int j = 0; j < WR; ++j) s[j] = half_to_float(scales[j * groups + g]);
-    const int64_t k_end = (g + 1) * w.group;
-    if (w.bits == 8) {
-      for (int64_t k = g * w.group; k < k_end; k += kLanes) {
+  // One flat loop over 32-weight blocks (a loop per group spilled the accumulators at each group's end:
+  // the 8-row step 2.5x as slow), each block as dot.h's tiles: the w vectors in registers, then each x
+  // row loaded once for all of them.
+  for (int64_t b = 0, g = 0, k = 0; k < Kp; k += kQuantBlock) {
+    Vec scale[WR], offset[WR];
+    for (int j = 0; j < WR; ++j) {
+      const float s = half_to_float(scales[j * groups + g]);
+      scale[j] = splat(s);
+      offset[j] = splat(-8.f * s);  // (q - 8) * s = q * s - 8s, rounded once
+    }
+    if (++b == blocks_per_group) b = 0, ++g;
+    if constexpr (BITS == 8) {
+#pragma GCC unroll 4
+      for (int c = 0; c < kQuantBlock; c += kLanes) {
+        Vec wv[WR];
         for (int j = 0; j < WR; ++j) {
-          const uint8_t* p = data + j * row_bytes + k;
-          if (prefetch) __builtin_prefetch(p + WR * row_bytes);
-          const Vec wv = in_register(to_vec(load_int8(p)) * splat(s[j]));
-          for (int i = 0; i < XR; ++i) acc[i * WR + j] = madd(load(x + i * Kp + k), wv, acc[i * WR + j]);
+          const uint8_t* p = data + j * row_bytes + k + c;
+          if (prefetch && c == 0 && k % 64 == 0) __builtin_prefetch(p + WR * row_bytes);
+          wv[j] = in_register(to_vec(load_int8(p)) * scale[j]);
+        }
+        for (int i = 0; i < XR; ++i) {
+          const Vec xv = in_register(load(x + i * Kp + k + c));
+          for (int j = 0; j < WR; ++j) acc[i * WR + j] = madd(xv, wv[j], acc[i * WR + j]);
         }
       }
     } else {
-      for (int64_t k = g * w.group; k < k_end; k += 2 * kLanes) {
+#pragma GCC unroll 2
+      for (int c = 0; c < kQuantBlock; c += 2 * kLanes) {
+        Bits32 bytes[WR];
+        Vec wv[WR];
         for (int j = 0; j < WR; ++j) {
-          const uint8_t* p = data + j * row_bytes + k / 2;
-          if (prefetch && k % 128 == 0) __builtin_prefetch(p + WR * row_bytes);
-          const Bits32 bytes = load_uint8(p);
-          const Vec scale = splat(s[j]), offset = splat(-8.f * s[j]);  // (q - 8) * s = q * s - 8s, rounded once
-          const Vec low = in_register(madd(to_vec(bytes & 15), scale, offset));
-          const Vec high = in_register(madd(to_vec(bytes >> 4), scale, offset));
-          for (int i = 0; i < XR; ++i) {
-            acc[i * WR + j] = madd(load(x + i * Kp + k), low, acc[i * WR + j]);
-            acc[i * WR + j] = madd(load(x + i * Kp + k + kLanes), high, acc[i * WR + j]);
-          }
+          const uint8_t* p = data + j * row_bytes + (k + c) / 2;
+          if (prefetch && c == 0 && k % 128 == 0) __builtin_prefetch(p + WR * row_bytes);
+          bytes[j] = load_uint8(p);
+          wv[j] = in_register(madd(to_vec(bytes[j] & 15), scale[j], offset[j]));
+        }
+        for (int i = 0; i < XR; ++i) {
+          const Vec xv = in_register(load(x + i * Kp + k + c));
+          for (int j = 0; j < WR; ++j) acc[i * WR + j] = madd(xv, wv[j], acc[i * WR + j]);
+        }
+        for (int j = 0; j < WR; ++j) wv[j] = in_register(madd(to_vec(bytes[j] >> 4), scale[j], offset[j]));
+        for (int i = 0; i < XR; ++i) {
+          const Vec xv = in_register(load(x + i * Kp + k + c + kLanes));
+          for (int j = 0; j < WR; ++j) acc[i * WR + j] = madd(xv, wv[j], acc[i * WR + j]);
         }
       }
     }
@@ -138,25 +160,35 @@ inline void quant_tile(const float* x, const QuantMatrix& w, int64_t n, float* y
   store_sums<XR, WR>(acc, y, y_stride);
 }
 
-template <int WR>
+template <int BITS, int WR>
 inline void quant_rows(const float* x, const QuantMatrix& w, int64_t n, float* y, int64_t M, int64_t y_stride,
                        bool prefetch) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) quant_tile<4, WR>(x + m * w.Kp, w, n, y + m * y_stride, y_stride, prefetch);
+  for (; m + 4 <= M; m += 4) quant_tile<BITS, 4, WR>(x + m * w.Kp, w, n, y + m * y_stride, y_stride, prefetch);
   switch (M - m) {
-    case 3: quant_tile<3, WR>(x + m * w.Kp, w, n, y + m * y_stride, y_stride, prefetch); break;
-    case 2: quant_tile<2, WR>(x + m * w.Kp, w, n, y + m * y_stride, y_stride, prefetch); break;
-    case 1: quant_tile<1, WR>(x + m * w.Kp, w, n, y + m * y_stride, y_stride, prefetch); break;
+    case 3: quant_tile<BITS, 3, WR>(x + m * w.Kp, w, n, y + m * y_stride, y_stride, prefetch); break;
+    case 2: quant_tile<BITS, 2, WR>(x + m * w.Kp, w, n, y + m * y_stride, y_stride, prefetch); break;
+    case 1: quant_tile<BITS, 1, WR>(x + m * w.Kp, w, n, y + m * y_stride, y_stride, prefetch); break;
   }
+}
+
+template <int BITS>
+inline void quant_columns(const float* x, int64_t M, const QuantMatrix& w, float* y, int64_t y_stride, int64_t n0,
+                          int64_t n1) {
+  int64_t n = n0;
+  if (M <= 2)  // few accumulators would wait on each other's multiply-adds: more w rows at once
+    for (; n + kQuantWideRows <= n1; n += kQuantWideRows)
+      quant_rows<BITS, kQuantWideRows>(x, w, n, y + n, M, y_stride, n + 2 * kQuantWideRows <= w.N);
+  for (; n + kQuantTileRows <= n1; n += kQuantTileRows)
+    quant_rows<BITS, kQuantTileRows>(x, w, n, y + n, M, y_stride, n + 2 * kQuantTileRows <= w.N);
+  for (; n < n1; ++n) quant_rows<BITS, 1>(x, w, n, y + n, M, y_stride, n + 2 <= w.N);
 }
 
 // y[m, n] for m < M and n0 <= n < n1 (y_stride floats a row), from rows prepared by prepare_rows.
 inline void quant_matmul_range(const float* x, int64_t M, const QuantMatrix& w, float* y, int64_t y_stride,
                                int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + kQuantTileRows <= n1; n += kQuantTileRows)
-    quant_rows<kQuantTileRows>(x, w, n, y + n, M, y_stride, n + 2 * kQuantTileRows <= w.N);
-  for (; n < n1; ++n) quant_rows<1>(x, w, n, y + n, M, y_stride, n + 2 <= w.N);
+  if (w.bits == 8) quant_columns<8>(x, M, w, y, y_stride, n0, n1);
+  else quant_columns<4>(x, M, w, y, y_stride, n0, n1);
 }
 
 }  // namespace ernie
