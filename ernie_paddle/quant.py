@@ -2,8 +2,8 @@
 integers) and "wint4" (4-bit), each with one float16 scale per group of GROUP weights along K.
 
 A float32 (or bf16) matrix W [N, K], as the model holds a Linear weight, packs into
-- data: wint8 int8 [N, Kp]; wint4 uint8 [N, Kp / 2], where in each 16-weight chunk c of a row byte
-  8c + j holds weight 16c + j in its low nibble and weight 16c + 8 + j in its high one, as q + 8;
+- data: wint8 int8 [N, Kp]; wint4 uint8 [N, Kp / 2], where in each 32-weight block b of a row byte
+  16b + j holds weight 32b + j in its low nibble and weight 32b + 16 + j in its high one, as q + 8;
 - scales: float16 [N, Kp / GROUP];
 with K padded by zero weights to Kp, a multiple of the group. W[n, k] = q * scales[n, k // GROUP].
 wint8 takes s = max|w| / 127 in each group and q = rint(w / s) in -127..127 (llama.cpp's Q8_0);
@@ -62,7 +62,7 @@ def dequantize(q: Quantized) -> np.ndarray:
     if q.format == "wint8":
         values = q.data.astype(np.float32)
     else:
-        chunks = q.data.reshape(n, -1, 1, 8)
+        chunks = q.data.reshape(n, -1, 1, 16)
         values = np.concatenate([chunks & 15, chunks >> 4], axis=2).reshape(n, -1).astype(np.int8) - 8
     w = values.reshape(n, groups, -1).astype(np.float32) * q.scales.astype(np.float32)[..., None]
     return w.reshape(n, -1)[:, :q.k]
@@ -85,5 +85,5 @@ def _quantize_numpy(w: np.ndarray, bits: int, group: int, kp: int) -> tuple[np.n
     q = np.clip(np.rint(values * inverse[..., None]), lo, hi).astype(np.int8).reshape(n, kp)
     if bits == 8:
         return q, scales
-    nibbles = (q + 8).astype(np.uint8).reshape(n, -1, 2, 8)
+    nibbles = (q + 8).astype(np.uint8).reshape(n, -1, 2, 16)
     return (nibbles[:, :, 0] | nibbles[:, :, 1] << 4).reshape(n, -1), scales

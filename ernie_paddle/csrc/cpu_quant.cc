@@ -58,19 +58,16 @@ std::vector<paddle::Tensor> QuantMatmul(const paddle::Tensor& x_in, const paddle
   check_k(w, K, "ernie_quant_matmul");
   shape.back() = w.N;
   paddle::Tensor y = paddle::empty(shape, paddle::DataType::FLOAT32, x.place());
-  const float* rows = x.data<float>();
-  std::vector<float> prepared;
-  if (K != w.Kp || prepared_index(1, w.bits) != 1 || prepared_index(8, w.bits) != 8) {
-    prepared.resize(M * w.Kp);
-    prepare_rows(rows, M, K, w.Kp, w.bits, prepared.data());
-    rows = prepared.data();
-  }
+  std::vector<int8_t> q(M * w.Kp);
+  std::vector<float> d(M * w.Kp / kQuantBlock);
+  QuantRows rows{q.data(), d.data(), M, w.Kp};
+  prepare_rows(x.data<float>(), K, &rows);
   float* out = y.data<float>();
 #pragma omp parallel num_threads(std::max(1, threads))
   {
     int64_t n0, n1;
     share(w.N, omp_get_thread_num(), omp_get_num_threads(), kQuantTileRows, &n0, &n1);
-    quant_matmul_range(rows, M, w, out, w.N, n0, n1);
+    quant_matmul_range(rows, w, out, w.N, n0, n1);
   }
   return {y};
 }
@@ -87,36 +84,33 @@ std::vector<paddle::DataType> QuantMatmulDtype(const paddle::DataType& x, const 
   return {paddle::DataType::FLOAT32};
 }
 
-// Row n of W into out[0, Kp): (q - 8) * s or q * s, each product rounded once, eight at a time.
-typedef float Float8 __attribute__((vector_size(8 * sizeof(float))));
-typedef int32_t Int8x __attribute__((vector_size(8 * sizeof(int32_t))));
-typedef int8_t Bytes8 __attribute__((vector_size(8)));
-typedef uint8_t UBytes8 __attribute__((vector_size(8)));
+// Row n of W into out[0, Kp): q * s, each product rounded once, sixteen at a time.
+typedef float Floats __attribute__((vector_size(16 * sizeof(float))));
+typedef int32_t Ints __attribute__((vector_size(16 * sizeof(int32_t))));
+typedef int8_t Bytes __attribute__((vector_size(16)));
+typedef uint8_t UBytes __attribute__((vector_size(16)));
 
 void dequantize_row(const QuantMatrix& w, int64_t n, float* out) {
   const int64_t groups = w.Kp / w.group;
   const uint8_t* row = w.data + n * w.row_bytes();
-  for (int64_t g = 0; g < groups; ++g) {
-    const Float8 s = half_to_float(w.scales[n * groups + g]) - Float8{};
-    for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 16) {
-      if (w.bits == 8) {
-        Bytes8 q0, q1;
-        std::memcpy(&q0, row + k, 8);
-        std::memcpy(&q1, row + k + 8, 8);
-        const Float8 low = __builtin_convertvector(__builtin_convertvector(q0, Int8x), Float8) * s;
-        const Float8 high = __builtin_convertvector(__builtin_convertvector(q1, Int8x), Float8) * s;
-        std::memcpy(out + k, &low, sizeof(low));
-        std::memcpy(out + k + 8, &high, sizeof(high));
-      } else {
-        UBytes8 b;
-        std::memcpy(&b, row + k / 2, 8);
-        const Int8x q = __builtin_convertvector(b, Int8x);
-        const Float8 low = __builtin_convertvector((q & 15) - 8, Float8) * s;
-        const Float8 high = __builtin_convertvector((q >> 4) - 8, Float8) * s;
-        std::memcpy(out + k, &low, sizeof(low));
-        std::memcpy(out + k + 8, &high, sizeof(high));
-      }
+  for (int64_t k = 0; k < w.Kp; k += kQuantBlock) {
+    const Floats s = half_to_float(w.scales[n * groups + k / w.group]) - Floats{};
+    Floats low, high;
+    if (w.bits == 8) {
+      Bytes q0, q1;
+      std::memcpy(&q0, row + k, 16);
+      std::memcpy(&q1, row + k + 16, 16);
+      low = __builtin_convertvector(__builtin_convertvector(q0, Ints), Floats) * s;
+      high = __builtin_convertvector(__builtin_convertvector(q1, Ints), Floats) * s;
+    } else {
+      UBytes b;
+      std::memcpy(&b, row + k / 2, 16);
+      const Ints q = __builtin_convertvector(b, Ints);
+      low = __builtin_convertvector((q & 15) - 8, Floats) * s;
+      high = __builtin_convertvector((q >> 4) - 8, Floats) * s;
     }
+    std::memcpy(out + k, &low, sizeof(low));
+    std::memcpy(out + k + 16, &high, sizeof(high));
   }
 }
 
@@ -191,9 +185,9 @@ extern "C" __attribute__((visibility("default"))) int ernie_quantize(
         if (bits == 8) {
           std::memcpy(out + k0, q.data(), group);
         } else {
-          for (int64_t c = 0; c < group; c += 16)
-            for (int j = 0; j < 8; ++j)
-              out[(k0 + c) / 2 + j] = static_cast<uint8_t>((q[c + j] + 8) | (q[c + 8 + j] + 8) << 4);
+          for (int64_t b = 0; b < group; b += kQuantBlock)
+            for (int j = 0; j < 16; ++j)
+              out[(k0 + b) / 2 + j] = static_cast<uint8_t>((q[b + j] + 8) | (q[b + 16 + j] + 8) << 4);
         }
       }
     }

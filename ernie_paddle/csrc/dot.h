@@ -19,19 +19,6 @@ inline Vec load_partial(const W* p, int64_t count) {  // the tail vector of a ro
   return load(v);
 }
 
-// y[i * N + j] = the sum of the lanes of acc[i * WR + j]: a tile's dot products.
-template <int XR, int WR>
-inline void store_sums(const Vec* acc, float* y, int64_t N) {
-  if constexpr (XR * WR == kLanes) {
-    const Vec sums = sum_each(acc);
-    for (int i = 0; i < XR; ++i)
-      for (int j = 0; j < WR; ++j) y[i * N + j] = sums[i * WR + j];
-  } else {
-    for (int i = 0; i < XR; ++i)
-      for (int j = 0; j < WR; ++j) y[i * N + j] = sum(acc[i * WR + j]);
-  }
-}
-
 // A tile of y = x @ w^T: `XR` rows of x against `WR` rows of w, as XR * WR dot products over K,
 // each accumulated in one vector register. While it runs, the next WR rows of w are prefetched when
 // there are any (`prefetch`): the tile's few short row streams leave the hardware prefetcher behind
@@ -59,7 +46,14 @@ inline void dot_tile(const float* x, const W* w, float* y, int64_t K, int64_t N,
       for (int j = 0; j < WR; ++j) acc[i * WR + j] = madd(xv, wv[j], acc[i * WR + j]);
     }
   }
-  store_sums<XR, WR>(acc, y, N);
+  if constexpr (XR * WR == kLanes) {
+    const Vec sums = sum_each(acc);
+    for (int i = 0; i < XR; ++i)
+      for (int j = 0; j < WR; ++j) y[i * N + j] = sums[i * WR + j];
+  } else {
+    for (int i = 0; i < XR; ++i)
+      for (int j = 0; j < WR; ++j) y[i * N + j] = sum(acc[i * WR + j]);
+  }
 }
 
 // The x rows of one tile of w rows, 4 at a time, the tile staying in L1.
