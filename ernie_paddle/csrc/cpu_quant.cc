@@ -150,14 +150,33 @@ std::vector<paddle::DataType> DequantizeDtype(const paddle::DataType& data, cons
 // largest magnitude, q = clamp(rint(v / s), -8, 7). s rounds to float16 first and q divides by that.
 void quantize_group(const float* v, int64_t G, int bits, int8_t* q, uint16_t* scale) {
   float amax = 0.f, extreme = 0.f;
-  for (int64_t i = 0; i < G; ++i) {
-    if (std::fabs(v[i]) > amax) amax = std::fabs(v[i]), extreme = v[i];
+  for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(v[i]));  // vectorised, unlike one pass for both
+  for (int64_t i = 0; i < G && bits == 4; ++i) {
+    if (std::fabs(v[i]) == amax) {
+      extreme = v[i];
+      break;
+    }
   }
   const _Float16 s16 = static_cast<_Float16>(bits == 8 ? amax / 127.f : extreme / -8.f);
   std::memcpy(scale, &s16, sizeof(s16));
   const float s = static_cast<float>(s16), inverse = s == 0.f ? 0.f : 1.f / s;
   const float lo = bits == 8 ? -127.f : -8.f, hi = bits == 8 ? 127.f : 7.f;
   for (int64_t i = 0; i < G; ++i) q[i] = static_cast<int8_t>(std::min(hi, std::max(lo, __builtin_rintf(v[i] * inverse))));
+}
+
+template <typename T>
+float widened(T v) {
+  if constexpr (sizeof(T) == 2) return to_float(v);  // bfloat16 bits
+  else return v;
+}
+
+template <typename T>
+void gather(const T* src, int64_t stride, int64_t count, float* v) {
+  if (stride == 1) {  // vectorised
+    for (int64_t i = 0; i < count; ++i) v[i] = widened(src[i]);
+  } else {
+    for (int64_t i = 0; i < count; ++i) v[i] = widened(src[i * stride]);
+  }
 }
 
 }  // namespace
@@ -176,10 +195,9 @@ extern "C" __attribute__((visibility("default"))) int ernie_quantize(
       uint8_t* out = static_cast<uint8_t*>(data) + n * row_bytes;
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t k0 = g * group, count = std::min(group, K - k0);
-        for (int64_t i = 0; i < count; ++i) {
-          const int64_t at = n * row_stride + (k0 + i) * col_stride;
-          v[i] = src_is_bf16 ? to_float(static_cast<const uint16_t*>(src)[at]) : static_cast<const float*>(src)[at];
-        }
+        const int64_t at = n * row_stride + k0 * col_stride;
+        if (src_is_bf16) gather(static_cast<const uint16_t*>(src) + at, col_stride, count, v.data());
+        else gather(static_cast<const float*>(src) + at, col_stride, count, v.data());
         std::fill(v.begin() + count, v.end(), 0.f);
         quantize_group(v.data(), group, bits, q.data(), scales + n * groups + g);
         if (bits == 8) {
