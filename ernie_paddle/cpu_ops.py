@@ -1,12 +1,15 @@
 """The CPU operators of csrc/ (the decoding matmul and its MoE form, attention, swiglu and RMSNorm) as Paddle custom operators: built
 once per machine with Paddle's own extension builder, cached, and loaded in milliseconds afterwards.
-The same library has the transposing copy that loads -Paddle checkpoints, a plain C function.
+The same library has the transposing copy that loads -Paddle checkpoints and the quantizer of quant.py,
+plain C functions, and the weight-only int8 / int4 matmul (csrc/quant.h has its layout).
 
 Decoding multiplies a few rows by every weight matrix, so its speed is the speed of reading the
 weights: the matmul streams them over all cores (MKL runs a one-row product on one core), and the
 attention op replaces ~20 small ops per layer (README "Speed" has the measurements). Without a C++
 compiler, or with ERNIE_PADDLE_CPU_OPS=0, Paddle's own ops run instead: same results to float32
 rounding.
+ERNIE_PADDLE_CPU_ARCH=x86-64-v3 (any GCC -march value) builds for that instruction set instead of this
+machine's: the AVX2 kernels on an AVX-512 machine, say.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from .device import cpu_threads, import_paddle
 LIBRARY = "ernie_cpu_ops"
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_matmul.cc", CSRC / "cpu_moe.cc", CSRC / "cpu_attention.cc", CSRC / "cpu_swiglu.cc",
-           CSRC / "cpu_rms_norm.cc", CSRC / "cpu_transpose.cc"]
+           CSRC / "cpu_rms_norm.cc", CSRC / "cpu_transpose.cc", CSRC / "cpu_quant.cc"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-w"]
 MAX_ROWS = 32  # above this (prefill), MKL's blocked GEMM is compute-bound and faster
 
@@ -68,6 +71,23 @@ def grouped_matmul(x, w, offsets):
     """Rows offsets[e]..offsets[e + 1] of x [R, K] @ w[e]^T for stacked w [E, N, K] (float32 or bfloat16),
     `offsets` int64 [E + 1] on CPU: each used expert's matrix read once; after `available()`."""
     return _run_custom_op("ernie_cpu_grouped_matmul", x, w, offsets, cpu_threads())[0]
+
+
+def grouped_quant_matmul(x, data, scales, offsets):
+    """grouped_matmul over a stack of experts' matrices packed by quant.quantize (data [E, N, ...],
+    scales [E, N, ...]); after `available()`."""
+    return _run_custom_op("ernie_cpu_grouped_quant_matmul", x, data, scales, offsets, cpu_threads())[0]
+
+
+def quant_matmul(x, data, scales, threads: int | None = None):
+    """x [..., K] @ W^T for W [N, K] packed by quant.quantize (data, scales), for 1 to MAX_ROWS rows of
+    float32 x on CPU; after `available()`."""
+    return _run_custom_op("ernie_quant_matmul", x, data, scales, threads or cpu_threads())[0]
+
+
+def dequantize(data, scales, k: int):
+    """The float32 [N, k] matrix packed by quant.quantize (data, scales), on CPU; after `available()`."""
+    return _run_custom_op("ernie_dequantize", data, scales, k, cpu_threads())[0]
 
 
 def widen(w):
@@ -110,14 +130,30 @@ def copy_transposed(src: np.ndarray, dst: np.ndarray) -> bool:
     return native
 
 
+def quantize(src: np.ndarray, bits: int, group: int, data: np.ndarray, scales: np.ndarray) -> bool:
+    """Fill data and scales (quant.py's layout) from the float32 or bf16-bits (uint16) 2-D src, in
+    C++ when `available()` has loaded the operators already, and then True; else False and untouched."""
+    if _quantize is None or src.dtype not in (np.float32, np.uint16):
+        return False
+    n, k = src.shape
+    return _quantize(src.ctypes.data, src.dtype == np.uint16, n, k, src.strides[0] // src.itemsize,
+                     src.strides[1] // src.itemsize, group, bits, data.ctypes.data, scales.ctypes.data,
+                     cpu_threads()) == 0
+
+
 _transpose = None  # csrc/cpu_transpose.cc's function, once available() has loaded the library
+_quantize = None  # and csrc/cpu_quant.cc's
 
 
-def _load_transpose(library: Path):
-    global _transpose
-    function = ctypes.CDLL(str(library)).ernie_copy_transposed  # loaded by Paddle already: the same handle
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
-    _transpose = function
+def _load_functions(library: Path):
+    global _transpose, _quantize
+    handle = ctypes.CDLL(str(library))  # loaded by Paddle already: the same handle
+    transpose = handle.ernie_copy_transposed
+    transpose.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
+    quantize_ = handle.ernie_quantize
+    quantize_.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_void_p,
+                                                                                  ctypes.c_void_p, ctypes.c_int]
+    _transpose, _quantize = transpose, quantize_
 
 
 def _run_custom_op(name, *args):
@@ -146,7 +182,7 @@ def available() -> bool:
             _build(library)
         try:
             import_paddle().base.core.load_op_meta_info_and_register_op(str(library))
-            _load_transpose(library)
+            _load_functions(library)
         except Exception:
             library.unlink(missing_ok=True)  # unusable (a different Paddle, a damaged file): rebuilt next time
             raise
@@ -180,12 +216,17 @@ def _build_key() -> str:
     (-march=native)."""
     sources = sorted(p for p in CSRC.iterdir() if p.suffix in (".cc", ".h"))
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources))
-    digest.update(" ".join(FLAGS).encode())
+    digest.update(" ".join(_flags()).encode())
     paddle = import_paddle()
     digest.update(f"{paddle.__version__} {paddle.__file__}".encode())
     digest.update(platform.machine().encode())
     digest.update(_cpu_flags().encode())
     return digest.hexdigest()[:16]
+
+
+def _flags() -> list[str]:
+    arch = os.environ.get("ERNIE_PADDLE_CPU_ARCH")
+    return [f"-march={arch}" if arch and flag == "-march=native" else flag for flag in FLAGS]
 
 
 def _cpu_flags() -> str:
@@ -204,7 +245,7 @@ def _build(library: Path):
           file=sys.stderr, flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=library.parent) as work:
-        command = [sys.executable, "-c", BUILD, LIBRARY, work, ",".join(map(str, SOURCES)), *FLAGS]
+        command = [sys.executable, "-c", BUILD, LIBRARY, work, ",".join(map(str, SOURCES)), *_flags()]
         returncode, output = _run_with_clock(command, timeout=900)
         built = sorted(Path(work).rglob(f"{LIBRARY}*.so"))
         if returncode != 0 or not built:

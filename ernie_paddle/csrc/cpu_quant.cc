@@ -1,0 +1,230 @@
+// Paddle custom operators for weight-only quantized (wint8 / wint4) CPU decoding, over the packed
+// layout of quant.h:
+//
+//   ernie_quant_matmul(x [..., K], data, scales) = x @ W^T       1 to 32 rows, W [N, K] as packed
+//   ernie_dequantize(data, scales, K) = W, float32 [N, K]         for the prompt's matmuls (MKL)
+//
+// data is int8 [N, Kp] for wint8 and uint8 [N, Kp / 2] for wint4; scales float16 [N, Kp / G].
+// And a plain C function (through ctypes, like cpu_transpose.cc) that quantizes at load time:
+//
+//   ernie_quantize(src, src_is_bf16, N, K, row_stride, col_stride, group, bits, data, scales, threads)
+//
+// W[n, k] = src[n * row_stride + k * col_stride] (float32, or bfloat16 bits), so a -Paddle [in, out]
+// matrix quantizes from its transposed view without a copy. quant.py has the same rules in numpy.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "paddle/extension.h"
+#include "quant.h"
+#include "vec.h"
+
+namespace {
+
+using namespace ernie;
+
+// The packed matrix the tensors hold, its K padded to Kp.
+QuantMatrix packed_matrix(const paddle::Tensor& data, const paddle::Tensor& scales, const char* op) {
+  const bool wint8 = data.dtype() == paddle::DataType::INT8;
+  PD_CHECK(data.is_cpu() && scales.is_cpu() && (wint8 || data.dtype() == paddle::DataType::UINT8) &&
+               scales.dtype() == paddle::DataType::FLOAT16, op,
+           ": data must be int8 (wint8) or uint8 (wint4) and scales float16, on the CPU");
+  PD_CHECK(data.shape().size() == 2 && scales.shape().size() == 2 && data.shape()[0] == scales.shape()[0], op,
+           ": data [N, bytes] and scales [N, groups] expected");
+  PD_CHECK(data.is_contiguous() && scales.is_contiguous(), op, ": data and scales must be contiguous");
+  const int64_t N = data.shape()[0], Kp = wint8 ? data.shape()[1] : 2 * data.shape()[1], groups = scales.shape()[1];
+  PD_CHECK(groups > 0 && Kp % groups == 0 && (Kp / groups) % kQuantBlock == 0, op,
+           ": the groups must divide the row into multiples of ", kQuantBlock);
+  return {static_cast<const uint8_t*>(data.data()), static_cast<const uint16_t*>(scales.data()), N, Kp, Kp / groups,
+          wint8 ? 8 : 4};
+}
+
+void check_k(const QuantMatrix& w, int64_t K, const char* op) {
+  PD_CHECK(K > 0 && (K + w.group - 1) / w.group * w.group == w.Kp, op, ": K = ", K,
+           " does not match the packed rows (", w.Kp, " values in groups of ", w.group, ")");
+}
+
+std::vector<paddle::Tensor> QuantMatmul(const paddle::Tensor& x_in, const paddle::Tensor& data,
+                                        const paddle::Tensor& scales, int threads) {
+  const QuantMatrix w = packed_matrix(data, scales, "ernie_quant_matmul");
+  PD_CHECK(x_in.is_cpu() && x_in.dtype() == paddle::DataType::FLOAT32, "ernie_quant_matmul: x must be float32");
+  const paddle::Tensor x = x_in.is_contiguous() ? x_in : x_in.contiguous();
+  std::vector<int64_t> shape = x.shape();
+  const int64_t K = shape.back(), M = x.numel() / std::max<int64_t>(K, 1);
+  check_k(w, K, "ernie_quant_matmul");
+  shape.back() = w.N;
+  paddle::Tensor y = paddle::empty(shape, paddle::DataType::FLOAT32, x.place());
+  std::vector<int8_t> q(M * w.Kp);
+  std::vector<float> d(M * w.Kp / kQuantBlock);
+  QuantRows rows{q.data(), d.data(), M, w.Kp};
+  prepare_rows(x.data<float>(), K, &rows);
+  float* out = y.data<float>();
+#pragma omp parallel num_threads(std::max(1, threads))
+  {
+    int64_t n0, n1;
+    share(w.N, omp_get_thread_num(), omp_get_num_threads(), kQuantTileRows, &n0, &n1);
+    quant_matmul_range(rows, w, out, w.N, n0, n1);
+  }
+  return {y};
+}
+
+std::vector<std::vector<int64_t>> QuantMatmulShape(const std::vector<int64_t>& x, const std::vector<int64_t>& data,
+                                                   const std::vector<int64_t>& scales, int threads) {
+  std::vector<int64_t> y(x);
+  y.back() = data[0];
+  return {y};
+}
+
+std::vector<paddle::DataType> QuantMatmulDtype(const paddle::DataType& x, const paddle::DataType& data,
+                                               const paddle::DataType& scales) {
+  return {paddle::DataType::FLOAT32};
+}
+
+// Row n of W into out[0, Kp): q * s, each product rounded once, sixteen at a time.
+typedef float Floats __attribute__((vector_size(16 * sizeof(float))));
+typedef int32_t Ints __attribute__((vector_size(16 * sizeof(int32_t))));
+typedef int8_t Bytes __attribute__((vector_size(16)));
+typedef uint8_t UBytes __attribute__((vector_size(16)));
+
+void dequantize_row(const QuantMatrix& w, int64_t n, float* out) {
+  const int64_t groups = w.Kp / w.group;
+  const uint8_t* row = w.data + n * w.row_bytes();
+  for (int64_t k = 0; k < w.Kp; k += kQuantBlock) {
+    const Floats s = half_to_float(w.scales[n * groups + k / w.group]) - Floats{};
+    Floats low, high;
+    if (w.bits == 8) {
+      Bytes q0, q1;
+      std::memcpy(&q0, row + k, 16);
+      std::memcpy(&q1, row + k + 16, 16);
+      low = __builtin_convertvector(__builtin_convertvector(q0, Ints), Floats) * s;
+      high = __builtin_convertvector(__builtin_convertvector(q1, Ints), Floats) * s;
+    } else {
+      UBytes b;
+      std::memcpy(&b, row + k / 2, 16);
+      const Ints q = __builtin_convertvector(b, Ints);
+      low = __builtin_convertvector((q & 15) - 8, Floats) * s;
+      high = __builtin_convertvector((q >> 4) - 8, Floats) * s;
+    }
+    std::memcpy(out + k, &low, sizeof(low));
+    std::memcpy(out + k + 16, &high, sizeof(high));
+  }
+}
+
+std::vector<paddle::Tensor> Dequantize(const paddle::Tensor& data, const paddle::Tensor& scales, int64_t K,
+                                       int threads) {
+  const QuantMatrix w = packed_matrix(data, scales, "ernie_dequantize");
+  check_k(w, K, "ernie_dequantize");
+  paddle::Tensor out = paddle::empty({w.N, K}, paddle::DataType::FLOAT32, data.place());
+  float* to = out.data<float>();
+#pragma omp parallel num_threads(std::max(1, threads))
+  {
+    std::vector<float> row(w.Kp);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < w.N; ++n) {
+      if (K == w.Kp) {
+        dequantize_row(w, n, to + n * K);
+      } else {
+        dequantize_row(w, n, row.data());
+        std::memcpy(to + n * K, row.data(), K * sizeof(float));
+      }
+    }
+  }
+  return {out};
+}
+
+std::vector<std::vector<int64_t>> DequantizeShape(const std::vector<int64_t>& data, const std::vector<int64_t>& scales,
+                                                  int64_t K, int threads) {
+  return {{data[0], K}};
+}
+
+std::vector<paddle::DataType> DequantizeDtype(const paddle::DataType& data, const paddle::DataType& scales) {
+  return {paddle::DataType::FLOAT32};
+}
+
+// One group of weights v[0, G) (zero-padded past K) into its scale and integers, the rules of quant.py:
+// wint8 s = max|v| / 127, q = rint(v / s); wint4 (llama.cpp's Q4_0) s = -v_m / 8 for the v_m of
+// largest magnitude, q = clamp(rint(v / s), -8, 7). s rounds to float16 first and q divides by that.
+void quantize_group(const float* v, int64_t G, int bits, int8_t* q, uint16_t* scale) {
+  float amax = 0.f, extreme = 0.f;
+  for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(v[i]));  // vectorised, unlike one pass for both
+  for (int64_t i = 0; i < G && bits == 4; ++i) {
+    if (std::fabs(v[i]) == amax) {
+      extreme = v[i];
+      break;
+    }
+  }
+  const _Float16 s16 = static_cast<_Float16>(bits == 8 ? amax / 127.f : extreme / -8.f);
+  std::memcpy(scale, &s16, sizeof(s16));
+  const float s = static_cast<float>(s16), inverse = s == 0.f ? 0.f : 1.f / s;
+  const float lo = bits == 8 ? -127.f : -8.f, hi = bits == 8 ? 127.f : 7.f;
+  for (int64_t i = 0; i < G; ++i) q[i] = static_cast<int8_t>(std::min(hi, std::max(lo, __builtin_rintf(v[i] * inverse))));
+}
+
+template <typename T>
+float widened(T v) {
+  if constexpr (sizeof(T) == 2) return to_float(v);  // bfloat16 bits
+  else return v;
+}
+
+template <typename T>
+void gather(const T* src, int64_t stride, int64_t count, float* v) {
+  if (stride == 1) {  // vectorised
+    for (int64_t i = 0; i < count; ++i) v[i] = widened(src[i]);
+  } else {
+    for (int64_t i = 0; i < count; ++i) v[i] = widened(src[i * stride]);
+  }
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) int ernie_quantize(
+    const void* src, int src_is_bf16, int64_t N, int64_t K, int64_t row_stride, int64_t col_stride, int64_t group,
+    int bits, void* data, uint16_t* scales, int threads) {
+  if ((bits != 8 && bits != 4) || group <= 0 || group % kQuantBlock != 0) return 1;
+  const int64_t groups = (K + group - 1) / group, Kp = groups * group, row_bytes = bits == 8 ? Kp : Kp / 2;
+#pragma omp parallel num_threads(std::max(1, threads))
+  {
+    std::vector<float> v(group);
+    std::vector<int8_t> q(group);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      uint8_t* out = static_cast<uint8_t*>(data) + n * row_bytes;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t k0 = g * group, count = std::min(group, K - k0);
+        const int64_t at = n * row_stride + k0 * col_stride;
+        if (src_is_bf16) gather(static_cast<const uint16_t*>(src) + at, col_stride, count, v.data());
+        else gather(static_cast<const float*>(src) + at, col_stride, count, v.data());
+        std::fill(v.begin() + count, v.end(), 0.f);
+        quantize_group(v.data(), group, bits, q.data(), scales + n * groups + g);
+        if (bits == 8) {
+          std::memcpy(out + k0, q.data(), group);
+        } else {
+          for (int64_t b = 0; b < group; b += kQuantBlock)
+            for (int j = 0; j < 16; ++j)
+              out[(k0 + b) / 2 + j] = static_cast<uint8_t>((q[b + j] + 8) | (q[b + 16 + j] + 8) << 4);
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+PD_BUILD_OP(ernie_quant_matmul)
+    .Inputs({"X", "Data", "Scales"})
+    .Outputs({"Out"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(QuantMatmul))
+    .SetInferShapeFn(PD_INFER_SHAPE(QuantMatmulShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(QuantMatmulDtype));
+
+PD_BUILD_OP(ernie_dequantize)
+    .Inputs({"Data", "Scales"})
+    .Outputs({"Out"})
+    .Attrs({"K: int64_t", "threads: int"})
+    .SetKernelFn(PD_KERNEL(Dequantize))
+    .SetInferShapeFn(PD_INFER_SHAPE(DequantizeShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(DequantizeDtype));

@@ -1,0 +1,97 @@
+"""Weight-only quantization of weight matrices for CPU decoding, in FastDeploy's names: "wint8" (8-bit
+integers) and "wint4" (4-bit), each with one float16 scale per group of GROUP weights along K.
+
+A float32 (or bf16) matrix W [N, K], as the model holds a Linear weight, packs into
+- data: wint8 int8 [N, Kp]; wint4 uint8 [N, Kp / 2], where in each 32-weight block b of a row byte
+  16b + j holds weight 32b + j in its low nibble and weight 32b + 16 + j in its high one, as q + 8;
+- scales: float16 [N, Kp / GROUP];
+with K padded by zero weights to Kp, a multiple of the group. W[n, k] = q * scales[n, k // GROUP].
+wint8 takes s = max|w| / 127 in each group and q = rint(w / s) in -127..127 (llama.cpp's Q8_0);
+wint4 takes s = -w_m / 8 for the w_m of largest magnitude, so that it maps to -8 exactly, and
+q = clip(rint(w / s), -8, 7) (llama.cpp's Q4_0). s is rounded to float16 before q is computed.
+
+csrc/cpu_quant.cc computes the same in C++ (the 0.3B model quantizes in about a second); the numpy
+code here is the definition, and runs where the CPU operators are not loaded.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import cpu_ops
+
+FORMATS = {"wint8": 8, "wint4": 4}
+# Weights per scale. 32 (llama.cpp's) against 64 and 128: the bytes read per weight are 1.06 / 1.03 /
+# 1.02 (wint8) and 0.56 / 0.53 / 0.52 (wint4), and the weights' RMS error 1 / 1.12 / 1.22 (wint4, on the
+# demo model); the kernels' speed at 1 row differed by under 5 %, so the accuracy decides.
+GROUP = 32
+
+
+# The lm_head's format under each (the tied embedding of the small models, so also the table its rows are
+# looked up in: dequantize(Quantized(data[ids], scales[ids], k))). At 4 bits it gave 20x the KL of the
+# whole wint4 model with a wint8 one (0.0017 against 0.00008 on the demo model); llama.cpp's Q4_0
+# keeps it at Q6_K. At 8 bits it reads half the bf16 bytes: the 0.3B model's 103424 x 1024 lm_head is
+# 30% of its weights.
+HEAD_FORMAT = {"wint8": "wint8", "wint4": "wint8"}
+
+
+class Quantized(NamedTuple):
+    data: np.ndarray    # int8 [N, Kp] (wint8) or uint8 [N, Kp / 2] (wint4)
+    scales: np.ndarray  # float16 [N, Kp / group]
+    k: int              # the columns of the matrix before padding
+
+    @property
+    def format(self) -> str:
+        return "wint8" if self.data.dtype == np.int8 else "wint4"
+
+
+def quantize(w: np.ndarray, format: str, group: int = GROUP) -> Quantized:
+    """W [N, K] (float32, or uint16 holding bf16 bits as checkpoint.py reads them; any strides, so a
+    transposed view works) packed as `format`."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown quantization {format!r}: use one of {', '.join(FORMATS)}")
+    if group <= 0 or group % 32:
+        raise ValueError(f"the quantization group must be a positive multiple of 32, not {group}")
+    bits = FORMATS[format]
+    n, k = w.shape
+    kp = -(-k // group) * group
+    data = np.empty((n, kp if bits == 8 else kp // 2), np.int8 if bits == 8 else np.uint8)
+    scales = np.empty((n, kp // group), np.float16)
+    if not cpu_ops.quantize(w, bits, group, data, scales):
+        data[...], scales[...] = _quantize_numpy(w, bits, group, kp)
+    return Quantized(data, scales, k)
+
+
+def dequantize(q: Quantized) -> np.ndarray:
+    """The float32 [N, K] matrix that `q` holds."""
+    n, groups = q.scales.shape
+    if q.format == "wint8":
+        values = q.data.astype(np.float32)
+    else:
+        chunks = q.data.reshape(n, -1, 1, 16)
+        values = np.concatenate([chunks & 15, chunks >> 4], axis=2).reshape(n, -1).astype(np.int8) - 8
+    w = values.reshape(n, groups, -1).astype(np.float32) * q.scales.astype(np.float32)[..., None]
+    return w.reshape(n, -1)[:, :q.k]
+
+
+def _quantize_numpy(w: np.ndarray, bits: int, group: int, kp: int) -> tuple[np.ndarray, np.ndarray]:
+    n, k = w.shape
+    w = w.astype(np.uint32) << 16 if w.dtype == np.uint16 else w
+    values = np.zeros((n, kp), np.float32)
+    values[:, :k] = w.view(np.float32) if w.dtype == np.uint32 else w
+    values = values.reshape(n, kp // group, group)
+    if bits == 8:
+        scales = (np.abs(values).max(axis=2) / np.float32(127)).astype(np.float16)
+    else:
+        extreme = np.take_along_axis(values, np.abs(values).argmax(axis=2)[..., None], axis=2)[..., 0]
+        scales = (extreme / np.float32(-8)).astype(np.float16)
+    s = scales.astype(np.float32)
+    inverse = np.divide(np.float32(1), s, out=np.zeros_like(s), where=s != 0)
+    lo, hi = (-127, 127) if bits == 8 else (-8, 7)
+    q = np.clip(np.rint(values * inverse[..., None]), lo, hi).astype(np.int8).reshape(n, kp)
+    if bits == 8:
+        return q, scales
+    nibbles = (q + 8).astype(np.uint8).reshape(n, -1, 2, 16)
+    return (nibbles[:, :, 0] | nibbles[:, :, 1] << 4).reshape(n, -1), scales
