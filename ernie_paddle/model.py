@@ -61,7 +61,8 @@ class Packed(nn.Layer):
         if rows is None:
             return cpu_ops.dequantize(self.data, self.scales, self.k)
         flat = rows.flatten()
-        table = cpu_ops.dequantize(paddle.gather(self.data, flat), paddle.gather(self.scales, flat), self.k)
+        scales = paddle.gather(self.scales.view(paddle.int16), flat).view(paddle.float16)  # no float16 gather on CPU
+        table = cpu_ops.dequantize(paddle.gather(self.data, flat), scales, self.k)
         return table.reshape([*rows.shape, self.k])
 
 
