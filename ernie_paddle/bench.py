@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import device as devices
+from . import device as devices, quant
 from .errors import ErnieError
 from .generate import GenerationSettings, decode_steps
+from .model import Packed
 
 paddle = devices.import_paddle()
 
@@ -47,13 +48,16 @@ def step_bytes(model, parameters=None) -> int:
     """Weight bytes a batch-1 decode step reads (of `parameters`, by default all): every matrix, but of a
     MoE layer's stacked experts only the top_k a token is routed to, and of an untied embedding one row."""
     moe = model.config.moe
+    embedding = model.ernie.embed_tokens
+    lookup_only = set() if model.lm_head is None else \
+        {id(p) for p in (embedding.parameters() if isinstance(embedding, Packed) else [embedding])}
     total = 0
     for p in model.parameters() if parameters is None else parameters:
         nbytes = int(np.prod(p.shape)) * p.element_size()
         if len(p.shape) == 3:
             nbytes = nbytes * moe.top_k // moe.num_experts
-        elif p is model.ernie.embed_tokens and model.lm_head is not None:
-            nbytes = p.shape[1] * p.element_size()
+        elif id(p) in lookup_only:
+            nbytes = nbytes // p.shape[0]
         total += nbytes
     return total
 
@@ -108,6 +112,8 @@ def matmul_ceiling(model, device: str, repeat: int = 5, kernel: bool = False) ->
 
     def product(w):  # (matmul, the weight it reads, the input row) for one pass
         x = rows.setdefault(w.shape[1], paddle.randn([1, w.shape[1]]).astype(model.dtype_name))
+        if isinstance(w, Packed):
+            return lambda x, w: cpu_ops.quant_matmul(x, w.data, w.scales), w, x
         if kernel:
             return cpu_ops.matmul, w, x
         if w is embedding or device != "cpu":
@@ -118,12 +124,15 @@ def matmul_ceiling(model, device: str, repeat: int = 5, kernel: bool = False) ->
         k = model.config.moe.top_k
         x = paddle.randn([k, w.shape[2]]).astype(model.dtype_name)
         offsets = paddle.to_tensor(np.minimum(np.arange(w.shape[0] + 1), k).astype(np.int64))
+        if isinstance(w, Packed):
+            return lambda x, w: cpu_ops.grouped_quant_matmul(x, w.data, w.scales, offsets), w, x
         if kernel:
             return functools.partial(cpu_ops.grouped_matmul, offsets=offsets), w, x
         return lambda x, w: [transposed(x[e:e + 1], w[e]) for e in range(k)], w, x
 
-    products = [experts_product(p) if len(p.shape) == 3 else product(p) for p in model.parameters()
-                if len(p.shape) >= 2 and (p is not embedding or model.lm_head is None)]
+    matrices = {id(w): w for w, _ in model.load_targets().values() if len(w.shape) >= 2}.values()
+    products = [experts_product(w) if len(w.shape) == 3 else product(w) for w in matrices
+                if w is not embedding or model.lm_head is None]
 
     def one_pass():
         for matmul, w, x in products:
@@ -207,8 +216,8 @@ def run_bench(args) -> int:
         print(f"Paddle's bare matmuls over these weights: {1 / ceiling_s:.1f} tok/s at batch 1 "
               f"({read / ceiling_s / 1e9:.1f} GB/s)")
     else:
-        print(f"Paddle's bare matmuls: none over {model.weight_dtype} weights in {pred.dtype} "
-              "(--weight-dtype float32 measures them)")
+        print(f"Paddle's bare matmuls: none over {model.weight_dtype} weights in {pred.dtype}"
+              + ("" if model.weight_dtype in quant.FORMATS else " (--weight-dtype float32 measures them)"))
     if kernel_s:
         print(f"the CPU decoding kernel's bare matmuls: {1 / kernel_s:.1f} tok/s ({read / kernel_s / 1e9:.1f} GB/s)")
     print(f"peak memory: {peak / 2**30:.2f} GiB" if peak else "peak memory: not reported by this device")
