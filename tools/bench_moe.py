@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,11 +70,25 @@ def pt_tensors(config: dict) -> list[tuple[str, tuple]]:
     return out
 
 
-def write_random_checkpoint(directory: Path, config: dict, architecture: str, model_type: str, seed: int = 0):
-    """A bf16 -PT checkpoint of random weights, written one tensor at a time (norms 1, router float32)."""
+def write_random_checkpoint(directory: Path, config: dict, architecture: str, model_type: str, seed: int = 0,
+                            pool: int = 0):
+    """A bf16 -PT checkpoint of random weights, written one tensor at a time (norms 1, router float32).
+    With `pool`, the matrices of each shape are drawn from `pool` random ones: the disk, not the random
+    numbers, then sets the pace (for the 44 GB full model; speed does not depend on the values)."""
     from ernie_paddle.checkpoint import write_safetensors
 
     rng = np.random.default_rng(seed)
+    drawn: dict[tuple, list] = {}
+
+    def random_matrix(shape):
+        if not pool:
+            return random_bf16(rng, shape)
+        arrays = drawn.setdefault(shape, [])
+        if len(arrays) < pool:
+            arrays.append(random_bf16(rng, shape))
+            return arrays[-1]
+        return arrays[rng.integers(pool)]
+
     entries = []
     for name, shape in pt_tensors(config):
         if name.endswith("norm.weight"):
@@ -81,7 +96,7 @@ def write_random_checkpoint(directory: Path, config: dict, architecture: str, mo
         elif ".mlp.gate." in name or "e_score_correction_bias" in name:
             entries.append((name, "float32", shape, lambda s=shape: rng.standard_normal(s, dtype=np.float32) * 0.02))
         else:
-            entries.append((name, "bfloat16", shape, lambda s=shape: random_bf16(rng, s)))
+            entries.append((name, "bfloat16", shape, lambda s=shape: random_matrix(s)))
     directory.mkdir(parents=True)
     total = sum(int(np.prod(s)) * (4 if dtype == "float32" else 2) for _, dtype, s, _ in entries)
     print(f"writing {total / 1e9:.1f} GB of random weights to {directory} ...", file=sys.stderr)
@@ -175,12 +190,17 @@ def main(argv=None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip transformers (it holds 4x the bytes)")
     parser.add_argument("--keep", default=None, help="write the checkpoints here and reuse them next time")
     parser.add_argument("--json", default=None, help="write every round's figures to this file")
+    parser.add_argument("--full-wint4", default=None, metavar="DIR",
+                        help="the stretch run: write the whole 28-layer 21B-A3B shape (44 GB of bf16) to DIR if "
+                             "absent, load it as wint4 in a fresh process, decode, report peak RSS and tok/s")
     parser.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)  # the fresh-process part
     parser.add_argument("--quantization", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure_load:
         print(json.dumps(measure_load(args.measure_load, args.new_tokens, args.quantization)))
         return 0
+    if args.full_wint4:
+        return full_wint4(Path(args.full_wint4), args.new_tokens, args.json)
 
     moe_config = {**MOE_21B, "num_hidden_layers": args.layers, "moe_layer_end_index": args.layers - 1}
     with tempfile.TemporaryDirectory() as scratch:
@@ -254,6 +274,24 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(dict(layers=args.layers, rounds=rounds, step_bytes=read, load=load,
                                                    step_bytes_28_layers=full, distinct_experts_b1=experts_b1,
                                                    distinct_experts_batch=experts_batch, batch=args.batch), indent=1))
+    return 0
+
+
+def full_wint4(directory: Path, new_tokens: int, json_out: str | None) -> int:
+    """The whole 21B-A3B shape from a bf16 checkpoint, quantized to wint4 as it loads."""
+    if not directory.exists():
+        need = 44e9 * 1.05
+        free = shutil.disk_usage(directory.parent).free
+        if free < need:
+            print(f"{directory.parent}: {free / 1e9:.0f} GB free, the checkpoint needs {need / 1e9:.0f} GB", file=sys.stderr)
+            return 2
+        write_random_checkpoint(directory, MOE_21B, "Ernie4_5_MoeForCausalLM", "ernie4_5_moe", pool=8)
+    load = fresh_process_load(directory, new_tokens, "wint4")
+    print(f"ERNIE-4.5-21B-A3B shape, 28 layers, bf16 checkpoint loaded as wint4: {load['load_s']:.0f} s to load, "
+          f"held {load['weight_bytes'] / 1e9:.2f} GB, peak RSS {load['peak_rss_bytes'] / 1e9:.2f} GB "
+          f"({load['peak_rss_bytes'] / 2**30:.2f} GiB), decode {load['decode_tps']:.2f} tok/s ({new_tokens} tokens)")
+    if json_out:
+        Path(json_out).write_text(json.dumps(dict(full_wint4=load), indent=1))
     return 0
 
 
