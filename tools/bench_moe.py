@@ -127,7 +127,7 @@ def measure_load(directory: str, new_tokens: int, quantization: str | None = Non
     from ernie_paddle.bench import peak_memory, weight_bytes
 
     start = time.perf_counter()
-    pred = ErniePredictor.from_pretrained(directory, device="cpu", dtype="float32", progress=False,
+    pred = ErniePredictor.from_pretrained(directory, device="cpu", dtype="float32",
                                           **({"quantization": quantization} if quantization else {}))
     loaded = time.perf_counter()
     result = pred.generate([list(range(3, 3 + PROMPT_LEN))], max_new_tokens=new_tokens)[0]
@@ -141,7 +141,7 @@ def fresh_process_load(directory: Path, new_tokens: int, quantization: str | Non
     command = [sys.executable, __file__, "--measure-load", str(directory), "--new-tokens", str(new_tokens)]
     if quantization:
         command += ["--quantization", quantization]
-    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+    return json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout)  # progress on stderr
 
 
 def ours(directory: Path):
