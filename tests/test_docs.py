@@ -200,7 +200,10 @@ def help_texts():
         yield f"ernie-paddle convert {name}", p.format_help()
 
 
-@pytest.mark.parametrize("name,text", list(help_texts()), ids=lambda v: v if " " in v or "-" in v else "")
+HELPS = list(help_texts())
+
+
+@pytest.mark.parametrize("name,text", HELPS, ids=[name for name, _ in HELPS])
 def test_help_ends_with_an_example_that_parses(name, text):
     lines = text.rstrip().splitlines()
     example = lines[-1].strip()
