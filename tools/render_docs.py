@@ -180,12 +180,13 @@ def bench_moe_table(data: dict, view: str) -> list[str]:
             best[key] = r
     labels = {"moe": f"ernie-paddle, 21B-A3B shape ({data['layers']} layers)", "dense": "ernie-paddle, dense 0.3B",
               "transformers": f"transformers, 21B-A3B shape ({data['layers']} layers)"}
-    rows = [[labels[system], batch, f"{r['decode_tps']:.2f}",
-             f"{r['read_gbps']:.1f}" if r.get("read_gbps") else "-"] for (system, batch), r in best.items()]
+    rows = [[labels[system], batch, f"{r['decode_tps']:.2f}", f"{r['read_gbps']:.1f}" if r.get("read_gbps") else "-",
+             f"{r['cpu_busy_before']:.0%}"] for (system, batch), r in best.items()]
     moe1, dense1 = best["moe", 1], best["dense", 1]
     full = moe1["read_gbps"] * 1e9 / data["step_bytes_28_layers"]
-    return table(["system", "batch", f"decode, best of {1 + max(r['round'] for r in data['rounds'])} rounds (tok/s)",
-                  "weights read (GB/s)"], rows) + [
+    rounds = 1 + max(r["round"] for r in data["rounds"])
+    return table(["system", "batch", f"decode, best of {rounds} round{'s' if rounds > 1 else ''} (tok/s)",
+                  "weights read (GB/s)", "CPU busy before"], rows) + [
         "", f"The MoE model reads its routed weights at {moe1['read_gbps'] / dense1['read_gbps']:.0%} of the dense "
             f"model's GB/s; at that rate the full 28 layers ({data['step_bytes_28_layers'] / 1e9:.2f} GB per token) "
             f"would decode at {full:.2f} tok/s. Distinct experts per MoE layer and step: "
