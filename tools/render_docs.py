@@ -2,7 +2,8 @@
 
 A table lives between `<!-- results:NAME -->` (or `<!-- results:NAME:VIEW -->`) and `<!-- /results -->`;
 NAME is docs/results/NAME.json. A results file holds what one of the project's tools wrote with
---json (`ernie-paddle check`, `ernie-paddle bench`, tools/bench_vs_transformers.py, tools/bench_moe.py)
+--json (`ernie-paddle check`, `ernie-paddle bench`, tools/bench_vs_transformers.py, tools/bench_moe.py,
+tools/bench_vs_llamacpp.py)
 under "data", with the machine, versions, date and command that `record` adds, on the machine that
 ran it, right after the run:
 
@@ -90,10 +91,12 @@ def kind(data: dict) -> str:
         return "bench_vs_transformers"
     if "step_bytes_28_layers" in data:
         return "bench_moe"
+    if "llama_cpp_python" in data:
+        return "bench_vs_llamacpp"
     if "rows" in data and "weight_bytes" in data:
         return "bench"
-    raise ValueError(f"unknown results JSON (keys {sorted(data)[:8]}); "
-                     "expected what ernie-paddle check/bench, bench_vs_transformers.py or bench_moe.py write")
+    raise ValueError(f"unknown results JSON (keys {sorted(data)[:8]}); expected what ernie-paddle check/bench, "
+                     "bench_vs_transformers.py, bench_moe.py or bench_vs_llamacpp.py write")
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -191,11 +194,23 @@ def bench_moe_table(data: dict, view: str) -> list[str]:
             f"model's GB/s; at that rate the full 28 layers ({data['step_bytes_28_layers'] / 1e9:.2f} GB per token) "
             f"would decode at {full:.2f} tok/s. Distinct experts per MoE layer and step: "
             f"{data['distinct_experts_b1']:.2f} at batch 1, {data['distinct_experts_batch']:.2f} at batch "
-            f"{data['batch']}."]
+            f"{data['batch']}." + (f" In a fresh process: loaded in {data['load']['load_s']:.1f} s, peak RSS "
+                                   f"{data['load']['peak_rss_bytes'] / 1e9:.2f} GB for {data['load']['weight_bytes'] / 1e9:.2f} "
+                                   "GB of weights." if data.get("load") else "")]
+
+
+def bench_vs_llamacpp_table(data: dict, view: str) -> list[str]:
+    rows = [[f"{kind} / {r['quantization']}", f"{r['llama_cpp_tps']:.1f}", f"{r['ernie_paddle_tps']:.1f}",
+             f"{r['ratio']:.2f}x"] for kind, r in data["results"].items()]
+    rounds = max(len(r["rounds"]["llama.cpp"]) for r in data["results"].values())
+    return table(["weights (llama.cpp / ernie-paddle)", "llama.cpp (tok/s)", "ernie-paddle (tok/s)", "ratio"], rows) + [
+        "", f"Decode at batch 1, {data['new_tokens']} new tokens (llama-bench tg{data['new_tokens']}, "
+            f"{data['threads']} threads; llama-cpp-python {data['llama_cpp_python']}'s llama.cpp), best of {rounds} "
+            "alternating rounds."]
 
 
 RENDERERS = {"check": check_table, "bench": bench_table, "bench_vs_transformers": bench_vs_transformers_table,
-             "bench_moe": bench_moe_table}
+             "bench_moe": bench_moe_table, "bench_vs_llamacpp": bench_vs_llamacpp_table}
 
 
 def provenance(results: dict, link: str) -> str:
