@@ -21,6 +21,15 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * UNITS[(match[2] or "B").lower()])
 
 
+EXAMPLES = {  # the example that ends each help text
+    None: ["{prog} pt2paddle ./ERNIE-4.5-0.3B-PT ./ERNIE-4.5-0.3B-Paddle",
+           "{prog} verify ./ERNIE-4.5-0.3B-PT ./ERNIE-4.5-0.3B-Paddle"],
+    "pt2paddle": ["{prog} pt2paddle baidu/ERNIE-4.5-0.3B-PT ./ERNIE-4.5-0.3B-Paddle"],
+    "paddle2pt": ["{prog} paddle2pt ./ERNIE-4.5-0.3B-Paddle ./ERNIE-4.5-0.3B-PT --max-shard-size 5GB"],
+    "verify": ["{prog} verify ./ERNIE-4.5-0.3B-PT ./ERNIE-4.5-0.3B-Paddle"],
+}
+
+
 def parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Convert ERNIE 4.5 checkpoints between the -PT "
                                 "(transformers) and -Paddle (ERNIEKit / FastDeploy) layouts, bit-exact.")
@@ -43,6 +52,10 @@ def parser(prog: str) -> argparse.ArgumentParser:
     c.add_argument("b", metavar="B")
     c.add_argument("--allow-pickle", action="store_true")
     c.add_argument("--quiet", action="store_true")
+    for name, command in {None: p, **sub.choices}.items():
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        command.epilog = f"example{'s' if len(EXAMPLES[name]) > 1 else ''}:\n  " + "\n  ".join(
+            EXAMPLES[name]).format(prog=prog)
     return p
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib import metadata
 
 from .device import prepare_environment
 from .errors import ErnieError
@@ -112,7 +113,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8180, help="0 picks a free port")
     p.add_argument("--served-model-name", default=None, help="default: the model directory's name")
     _device_args(p)
+    _add_help_texts(parser, sub)
     return parser
+
+
+# The example that ends each help text (the options themselves are defined in _parser above).
+EXAMPLES = {
+    None: ["ernie-paddle demo",
+           "ernie-paddle convert pt2paddle ./ERNIE-4.5-0.3B-PT ./ERNIE-4.5-0.3B-Paddle",
+           'ernie-paddle generate --model ./ERNIE-4.5-0.3B-Paddle --prompt "The capital of France is" --stream'],
+    "generate": ['ernie-paddle generate --model baidu/ERNIE-4.5-0.3B-PT --prompt "The capital of France is" '
+                 "--max-new-tokens 32 --stream"],
+    "demo": ["ernie-paddle demo --device cpu"],
+    "check": ["ernie-paddle check --model ./ERNIE-4.5-0.3B-Paddle --reference-model ./ERNIE-4.5-0.3B-PT "
+              "--json report.json"],
+    "bench": ["ernie-paddle bench --model ./ERNIE-4.5-0.3B-Paddle --input-lens 7,128 --output-lens 128 "
+              "--json bench.json"],
+    "deploy": ["ernie-paddle deploy fastdeploy --model ./ERNIE-4.5-0.3B-PT --out fd --quantization wint8"],
+    "serve": ["ernie-paddle serve --model ./ERNIE-4.5-0.3B-PT --port 8180"],
+}
+
+
+def version() -> str:
+    try:
+        return metadata.version("ernie-paddle")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+        return __version__
+
+
+def _add_help_texts(parser, sub) -> None:
+    """`--version`, and an example at the end of every help text."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    for name, p in {None: parser, **sub.choices}.items():
+        if name in EXAMPLES:
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+            p.epilog = f"example{'s' if len(EXAMPLES[name]) > 1 else ''}:\n  " + "\n  ".join(EXAMPLES[name])
+    parser.epilog = "documentation: README.md and docs/ in the source tree\n\n" + parser.epilog
 
 
 def _check_output_file(path):

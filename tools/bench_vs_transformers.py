@@ -2,7 +2,7 @@
 full-size ERNIE-4.5-0.3B architecture with random weights (speed does not depend on weight values).
 
     python tools/bench_vs_transformers.py [--new-tokens 128] [--prefill-len 512] [--batch 8]
-                                          [--rounds 2] [--keep DIR]
+                                          [--rounds 2] [--keep DIR] [--json OUT]
 
 It writes the model as a bf16 -PT checkpoint with transformers, converts it to -Paddle, and then in
 one run measures, alternating the systems round by round and keeping each one's best round:
@@ -17,6 +17,7 @@ one run measures, alternating the systems round by round and keeping each one's 
   128-token float32 run, in a fresh process that never imports torch, for both weight dtypes.
 With `--llama-gguf FILE` (an F32 GGUF of the same architecture) and `llama-bench` on PATH, llama.cpp's
 tg/pp figures are printed too; ../shared/spec/anchors.md lists them for this machine kind.
+`--json OUT` writes every printed figure to OUT (tools/render_docs.py renders it into the docs).
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; each system's best is kept")
     parser.add_argument("--llama-gguf", default=None, help="GGUF for llama-bench, when a llama.cpp build is on PATH")
     parser.add_argument("--keep", default=None, help="build the checkpoints here and reuse them next time")
+    parser.add_argument("--json", default=None, help="write every figure printed to this file")
     parser.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)  # the fresh-process part
     parser.add_argument("--weight-dtype", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -190,7 +192,20 @@ def main(argv=None) -> int:
               f"(after {load['import_s']:.2f} s of imports); peak RSS of a {n_new}-token run "
               f"{load['peak_rss_bytes'] / 1e9:.2f} GB = {load['peak_rss_bytes'] / f32_bytes:.2f}x the float32 "
               f"weights (limit 1.3x + KV cache: {limit / 1e9:.2f} GB)")
-    print(llama_cpp(args.llama_gguf, n_new, args.prefill_len))
+    llama = llama_cpp(args.llama_gguf, n_new, args.prefill_len)
+    print(llama)
+    if args.json:
+        kernels = {name: 1 / min(ceilings[f"kernel {name}"]) if None not in ceilings[f"kernel {name}"] else None
+                   for name in models}
+        report = dict(tool="bench_vs_transformers", architecture=ARCHITECTURE, prompt_len=PROMPT_LEN,
+                      new_tokens=n_new, prefill_len=args.prefill_len, batch=args.batch, rounds=args.rounds,
+                      torch_threads=reference.threads, paddle_ceiling_tps=paddle_ceiling, kernel_ceiling_tps=kernels,
+                      loads=loads, llama_cpp=llama if args.llama_gguf else None, systems={
+                          name: dict(label=labels[name], decode_tps=decode[name], ttft_s=best[name, "decode"][0],
+                                     prefill_tps=prefill[name],
+                                     batch_tps=decode_tps(best[name, "batch"], n_new, args.batch)
+                                     if name != "transformers" else None) for name in systems})
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 
