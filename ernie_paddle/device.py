@@ -24,7 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 NPU_OPS = {"rms_norm": "rms_norm_npu", "attention": "flash_attention_npu"}
 NPU_ENVIRONMENT = {"FLAGS_npu_jit_compile": "0", "FLAGS_npu_storage_format": "0"}
 INSTALL_HINTS = {"gpu": "install a GPU build of paddlepaddle",
-                 "npu": "install paddle-custom-npu, see README 'Ascend NPU'"}
+                 "npu": "install paddle-custom-npu, see docs/npu.md"}
 
 log = logging.getLogger(__name__)
 

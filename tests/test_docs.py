@@ -28,7 +28,6 @@ SEPARATORS = {"&&", "||", "|", ";", "&"}
 # Commands shown for options that land with branches not merged yet: they must fail to parse until
 # then. Empty this set once `quant` and `serve` are merged (the test says which lines now parse).
 PENDING = {
-    'ernie-paddle generate --model ./ERNIE-4.5-0.3B-PT --prompt "The capital of France is" --quantization wint4',
     "ernie-paddle serve --model ./ERNIE-4.5-0.3B-PT --max-num-seqs 8 --api-key KEY",
 }
 
