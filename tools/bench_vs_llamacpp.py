@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     checkpoint = Path(args.checkpoint) if args.checkpoint else root / "ernie-4.5-0.3b-random-PT"
     if not (checkpoint / "config.json").exists():
         write_checkpoint(checkpoint)
-    models_dir = root / "gguf" / checkpoint.resolve().name if args.checkpoint else checkpoint
+    models_dir = root / "gguf" / checkpoint.resolve().name
     models_dir.mkdir(parents=True, exist_ok=True)
     files = ggufs(checkpoint, source, binaries, models_dir)
 
