@@ -17,16 +17,18 @@
 //
 // Numerics, as llama.cpp's Q8_0 and Q4_0 dot products: each 32 values of an x row are rounded to
 // int8 with a float32 scale of their own, d = max|x| / 127, and the products of a block are summed
-// exactly in integers; y[m, n] = sum over blocks of float(dot) * (scale_w * d_x), in float32. Against
-// dequantizing into float32 registers (exact with respect to the stored integers) this does 2.1x fewer
-// operations per weight; measured on 2 Zen 3 cores, wint4 at 1 row decoded 1.8x as fast (see quant.py).
+// exactly in integers; y[m, n] = sum over blocks of float(dot) * (scale_w * d_x), in float32. The
+// alternative, dequantizing into float32 registers (exact with respect to the stored integers), was
+// measured first (one row at a time, one Zen 3 core, over the 0.3B model's matrices): the integer
+// sums ran wint4 1.7x and wint8 1.1x as fast at 1 row, 1.2x and 1.0x at 8 rows, and then allowed
+// the interleaved rows, which made that 1.9x / 2.6x (wint4) and 1.4x / 1.7x (wint8) faster again.
 //
 // Contract of quant_matmul_range, for a caller that runs its own `#pragma omp parallel` region (the
 // MoE layer, one expert's matrix at a time or several):
 //   - the rows are prepared once by prepare_rows() into a QuantRows (buffers of M * Kp int8, and
 //     M * Kp / 32 floats and int32 the caller owns), before the region (or by one thread, then a barrier);
 //   - each thread calls it for its own column range [n0, n1) of y (M rows, y_stride floats apart);
-//     ranges must not overlap, and start at a multiple of kQuantRowGroup (the interleaved wint4 rows).
+//     ranges must not overlap, and start at a multiple of kQuantRowGroup (the interleaved rows).
 //     share(N, t, threads, kQuantRowGroup, ...) splits N as the operator does; any split gives the
 //     same bits (each y element is one sum in a fixed order), and so does any M: a row's results do
 //     not depend on the rows beside it;
@@ -43,11 +45,9 @@
 namespace ernie {
 
 constexpr int kQuantBlock = 32;  // x values per int8 scale; G and the padding are multiples of it
-// w rows per tile: with AVX2's 16 registers, 2 w rows x 4 x rows of accumulators; 4 for one or two
-// x rows, whose few accumulators would otherwise wait on each other.
+constexpr int kQuantRowGroup = 8;  // rows interleaved
+// w rows per tile of the rows after the groups of 8 (and of all rows without AVX2)
 constexpr int kQuantTileRows = 2;
-constexpr int kQuantWideRows = 4;
-constexpr int kQuantRowGroup = 8;  // wint4 rows interleaved
 
 struct QuantMatrix {
   const uint8_t* data;     // wint8 bytes are int8
@@ -179,10 +179,11 @@ inline void quant_tile(const QuantRows& x, int64_t x0, const QuantMatrix& w, int
     for (int j = 0; j < WR; ++j) y[i * y_stride + j] = sum8(acc[i * WR + j]);
 }
 
-// XR prepared x rows against the 8 interleaved wint4 rows from row n (a multiple of 8): lane l of
-// acc[i] is y[i, n + l]. Per block, the 4 bytes of x that meet a 32-byte chunk's low nibbles (and the 4
-// that meet its high ones) are broadcast to every lane; the products sum in 16 bits (at most 16 x 15 x
-// 127 < 2^15) or with VNNI in 32, then the offset of 8 comes off: sum (q - 8) x = sum q x - 8 sum x.
+// XR prepared x rows against the 8 interleaved rows from row n (a multiple of 8): lane l of acc[i] is
+// y[i, n + l]. Per block, the 4 bytes of x that meet a 32-byte chunk (wint4: its low nibbles, and the
+// 4 that meet its high ones) are broadcast to every lane. wint4's unsigned nibbles times x sum in 16
+// bits (at most 16 x 15 x 127 < 2^15) or with VNNI in 32, and then the offset of 8 comes off:
+// sum (q - 8) x = sum q x - 8 sum x.
 template <int BITS, int XR>
 inline void quant_group_tile(const QuantRows& x, int64_t x0, const QuantMatrix& w, int64_t n, float* y,
                              int64_t y_stride) {
@@ -309,9 +310,6 @@ inline void quant_columns(const QuantRows& x, const QuantMatrix& w, float* y, in
   for (; n + kQuantRowGroup <= std::min(n1, w.grouped_rows()); n += kQuantRowGroup)
     quant_group_rows<BITS>(x, w, n, y + n, y_stride);
 #endif
-  if (x.M <= 2)
-    for (; n + kQuantWideRows <= n1; n += kQuantWideRows)
-      quant_rows<BITS, kQuantWideRows>(x, w, n, y + n, y_stride, n + 2 * kQuantWideRows <= w.N);
   for (; n + kQuantTileRows <= n1; n += kQuantTileRows)
     quant_rows<BITS, kQuantTileRows>(x, w, n, y + n, y_stride, n + 2 * kQuantTileRows <= w.N);
   for (; n < n1; ++n) quant_rows<BITS, 1>(x, w, n, y + n, y_stride, n + 2 <= w.N);
