@@ -2,9 +2,12 @@
 integers) and "wint4" (4-bit), each with one float16 scale per group of GROUP weights along K.
 
 A float32 (or bf16) matrix W [N, K], as the model holds a Linear weight, packs into
-- data: wint8 int8 [N, Kp]; wint4 uint8 [N, Kp / 2], where in each 32-weight block b of a row byte
-  16b + j holds weight 32b + j in its low nibble and weight 32b + 16 + j in its high one, as q + 8;
+- data: wint8 int8 [N, Kp], a 32-weight block of a row 32 bytes; wint4 uint8 [N, Kp / 2], a block 16
+  bytes, byte j holding weight j of the block in its low nibble and weight 16 + j in its high one,
+  as q + 8;
 - scales: float16 [N, Kp / GROUP];
+with the rows interleaved in groups of 8 for the kernel (all but the last N % 8), as csrc/quant.h
+details: row n is not data[n]; dequantize_rows() gives rows.
 with K padded by zero weights to Kp, a multiple of the group. W[n, k] = q * scales[n, k // GROUP].
 wint8 takes s = max|w| / 127 in each group and q = rint(w / s) in -127..127 (llama.cpp's Q8_0);
 wint4 takes s = -w_m / 8 for the w_m of largest magnitude, so that it maps to -8 exactly, and
@@ -23,14 +26,14 @@ import numpy as np
 from . import cpu_ops
 
 FORMATS = {"wint8": 8, "wint4": 4}
-# Weights per scale. 32 (llama.cpp's) against 64 and 128: the bytes read per weight are 1.06 / 1.03 /
-# 1.02 (wint8) and 0.56 / 0.53 / 0.52 (wint4), and the weights' RMS error 1 / 1.12 / 1.22 (wint4, on the
-# demo model); the kernels' speed at 1 row differed by under 5 %, so the accuracy decides.
+# Weights per scale: 32, as llama.cpp. Measured against 64 and 128: the matmul at 1 row took the same
+# time per pass over the 0.3B matrices (within 4%, one Zen 3 core: the kernel is bound by its per-block
+# work, which does not change), while the KL of a wint4 model to float32 rose 1.1x and 2x (demo model).
 GROUP = 32
 
 
 # The lm_head's format under each (the tied embedding of the small models, so also the table its rows are
-# looked up in: dequantize(Quantized(data[ids], scales[ids], k))). At 4 bits it gave 20x the KL of the
+# looked up in, with dequantize_rows). At 4 bits it gave 20x the KL of the
 # whole wint4 model with a wint8 one (0.0017 against 0.00008 on the demo model); llama.cpp's Q4_0
 # keeps it at Q6_K. At 8 bits it reads half the bf16 bytes: the 0.3B model's 103424 x 1024 lm_head is
 # 30% of its weights.
@@ -67,13 +70,34 @@ def quantize(w: np.ndarray, format: str, group: int = GROUP) -> Quantized:
 def dequantize(q: Quantized) -> np.ndarray:
     """The float32 [N, K] matrix that `q` holds."""
     n, groups = q.scales.shape
-    if q.format == "wint8":
-        values = q.data.astype(np.float32)
+    return _dequantize_plain(_interleave(q.data, inverse=True), _interleave(q.scales, inverse=True), q.k)
+
+
+def dequantize_rows(q: Quantized, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` of the float32 matrix that `q` holds, [len(ids), K]: an embedding lookup in a tied
+    lm_head."""
+    ids = np.asarray(ids).reshape(-1)
+    n, width = q.data.shape
+    grouped = n // 8 * 8
+    data = np.empty((len(ids), width), q.data.dtype)
+    scales = np.empty((len(ids), q.scales.shape[1]), q.scales.dtype)
+    inside = ids < grouped
+    group, row = ids[inside] // 8, ids[inside] % 8
+    data[inside] = q.data[:grouped].reshape(n // 8, width // 4, 8, 4)[group, :, row].reshape(-1, width)
+    scales[inside] = q.scales[:grouped].reshape(n // 8, -1, 8)[group, :, row]
+    data[~inside], scales[~inside] = q.data[ids[~inside]], q.scales[ids[~inside]]
+    return _dequantize_plain(data, scales, q.k)
+
+
+def _dequantize_plain(data: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    n, groups = scales.shape
+    if data.dtype == np.int8:
+        values = data.astype(np.float32)
     else:
-        chunks = q.data.reshape(n, -1, 1, 16)
+        chunks = data.reshape(n, -1, 1, 16)
         values = np.concatenate([chunks & 15, chunks >> 4], axis=2).reshape(n, -1).astype(np.int8) - 8
-    w = values.reshape(n, groups, -1).astype(np.float32) * q.scales.astype(np.float32)[..., None]
-    return w.reshape(n, -1)[:, :q.k]
+    w = values.reshape(n, groups, -1).astype(np.float32) * scales.astype(np.float32)[..., None]
+    return w.reshape(n, -1)[:, :k]
 
 
 def _quantize_numpy(w: np.ndarray, bits: int, group: int, kp: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +116,19 @@ def _quantize_numpy(w: np.ndarray, bits: int, group: int, kp: int) -> tuple[np.n
     lo, hi = (-127, 127) if bits == 8 else (-8, 7)
     q = np.clip(np.rint(values * inverse[..., None]), lo, hi).astype(np.int8).reshape(n, kp)
     if bits == 8:
-        return q, scales
+        return _interleave(q), _interleave(scales)
     nibbles = (q + 8).astype(np.uint8).reshape(n, -1, 2, 16)
-    return (nibbles[:, :, 0] | nibbles[:, :, 1] << 4).reshape(n, -1), scales
+    return _interleave((nibbles[:, :, 0] | nibbles[:, :, 1] << 4).reshape(n, -1)), _interleave(scales)
+
+
+def _interleave(a: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """The groups of 8 rows: the bytes [N, Kp] or [N, Kp / 2] (4 of each row in turn) or the scales [N, groups]
+    (1 of each row in turn); the last N % 8 rows as they are. inverse undoes it."""
+    n, width = a.shape
+    grouped = n // 8 * 8
+    unit = 1 if a.dtype == np.float16 else 4
+    out = a.copy()
+    middle = (width // unit, 8) if inverse else (8, width // unit)
+    rows = a[:grouped].reshape(n // 8, *middle, unit).transpose(0, 2, 1, 3)
+    out[:grouped] = rows.reshape(grouped, width)
+    return out

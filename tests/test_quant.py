@@ -59,7 +59,7 @@ def test_quantize_then_dequantize_is_within_each_groups_step(format, native, mon
     assert q.data.shape == ((37, 1024) if format == "wint8" else (37, 512)) and q.scales.shape == (37, 32)
     back = quant.dequantize(q)
     assert back.shape == w.shape and back.dtype == np.float32
-    step = np.repeat(np.abs(q.scales.astype(np.float32)), 32, axis=1)[:, :1000]
+    step = np.repeat(np.abs(quant._interleave(q.scales, inverse=True).astype(np.float32)), 32, axis=1)[:, :1000]
     error = np.abs(back - w)
     slack = 1e-6 * np.abs(w)
     if format == "wint8":
@@ -167,3 +167,11 @@ def test_a_build_forced_to_avx2_gives_the_same_bits():
     forced, native = runs
     assert forced["key"] != native["key"]
     assert forced["wint8"] == native["wint8"] and forced["wint4"] == native["wint4"]
+
+
+@pytest.mark.parametrize("format", ["wint8", "wint4"])
+def test_dequantize_rows_picks_rows_of_the_interleaved_layout(format):
+    """The embedding lookup in a quantized tied lm_head: rows inside the groups of 8 and after them."""
+    q = quant.quantize(spread_weights(21, 100, 2), format)
+    ids = np.array([0, 7, 8, 15, 16, 20, 3, 3])
+    assert np.array_equal(quant.dequantize_rows(q, ids), quant.dequantize(q)[ids])

@@ -37,9 +37,9 @@ PAIRS = [("BF16", None), ("Q8_0", "wint8"), ("Q4_0", "wint4")]
 
 
 def cache_root() -> Path:
-    root = os.environ.get("ERNIE_PADDLE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ernie-paddle")
-    return Path(root) / "llama.cpp"
+    from ernie_paddle.cpu_ops import cache_dir
+
+    return cache_dir().parent / "llama.cpp"  # beside the kernels
 
 
 def build_llama_cpp(root: Path) -> tuple[Path, Path]:
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     checkpoint = Path(args.checkpoint) if args.checkpoint else root / "ernie-4.5-0.3b-random-PT"
     if not (checkpoint / "config.json").exists():
         write_checkpoint(checkpoint)
-    models_dir = root / "gguf" / checkpoint.resolve().name if args.checkpoint else checkpoint
+    models_dir = root / "gguf" / checkpoint.resolve().name
     models_dir.mkdir(parents=True, exist_ok=True)
     files = ggufs(checkpoint, source, binaries, models_dir)
 

@@ -60,13 +60,14 @@ std::vector<paddle::Tensor> QuantMatmul(const paddle::Tensor& x_in, const paddle
   paddle::Tensor y = paddle::empty(shape, paddle::DataType::FLOAT32, x.place());
   std::vector<int8_t> q(M * w.Kp);
   std::vector<float> d(M * w.Kp / kQuantBlock);
-  QuantRows rows{q.data(), d.data(), M, w.Kp};
+  std::vector<int32_t> sums8(M * w.Kp / kQuantBlock);
+  QuantRows rows{q.data(), d.data(), sums8.data(), M, w.Kp};
   prepare_rows(x.data<float>(), K, &rows);
   float* out = y.data<float>();
 #pragma omp parallel num_threads(std::max(1, threads))
   {
     int64_t n0, n1;
-    share(w.N, omp_get_thread_num(), omp_get_num_threads(), kQuantTileRows, &n0, &n1);
+    share(w.N, omp_get_thread_num(), omp_get_num_threads(), kQuantRowGroup, &n0, &n1);
     quant_matmul_range(rows, w, out, w.N, n0, n1);
   }
   return {y};
@@ -91,23 +92,31 @@ typedef int8_t Bytes __attribute__((vector_size(16)));
 typedef uint8_t UBytes __attribute__((vector_size(16)));
 
 void dequantize_row(const QuantMatrix& w, int64_t n, float* out) {
-  const int64_t groups = w.Kp / w.group;
-  const uint8_t* row = w.data + n * w.row_bytes();
-  for (int64_t k = 0; k < w.Kp; k += kQuantBlock) {
-    const Floats s = half_to_float(w.scales[n * groups + k / w.group]) - Floats{};
+  // The layout's addresses, stepped along the row (QuantMatrix::chunk and scale per block: 2x as slow).
+  const bool grouped = n < w.grouped_rows();
+  const int bytes = w.block_bytes();
+  const int64_t block_step = grouped ? kQuantRowGroup * bytes : bytes, chunk_step = grouped ? 32 : 4;
+  const int64_t scale_step = grouped ? kQuantRowGroup : 1, per_group = w.group / kQuantBlock;
+  const uint8_t* block = w.chunk(n, 0, 0);
+  const uint16_t* scale = &w.scale(n, 0);
+  for (int64_t k = 0, in_group = 0; k < w.Kp; k += kQuantBlock, block += block_step) {
+    const Floats s = half_to_float(*scale) - Floats{};
+    if (++in_group == per_group) in_group = 0, scale += scale_step;
+    uint8_t q[kQuantBlock];
+    for (int c = 0; c < bytes / 4; ++c) std::memcpy(q + 4 * c, block + c * chunk_step, 4);
     Floats low, high;
     if (w.bits == 8) {
       Bytes q0, q1;
-      std::memcpy(&q0, row + k, 16);
-      std::memcpy(&q1, row + k + 16, 16);
+      std::memcpy(&q0, q, 16);
+      std::memcpy(&q1, q + 16, 16);
       low = __builtin_convertvector(__builtin_convertvector(q0, Ints), Floats) * s;
       high = __builtin_convertvector(__builtin_convertvector(q1, Ints), Floats) * s;
     } else {
       UBytes b;
-      std::memcpy(&b, row + k / 2, 16);
-      const Ints q = __builtin_convertvector(b, Ints);
-      low = __builtin_convertvector((q & 15) - 8, Floats) * s;
-      high = __builtin_convertvector((q >> 4) - 8, Floats) * s;
+      std::memcpy(&b, q, 16);
+      const Ints v = __builtin_convertvector(b, Ints);
+      low = __builtin_convertvector((v & 15) - 8, Floats) * s;
+      high = __builtin_convertvector((v >> 4) - 8, Floats) * s;
     }
     std::memcpy(out + k, &low, sizeof(low));
     std::memcpy(out + k + 16, &high, sizeof(high));
@@ -148,7 +157,7 @@ std::vector<paddle::DataType> DequantizeDtype(const paddle::DataType& data, cons
 // One group of weights v[0, G) (zero-padded past K) into its scale and integers, the rules of quant.py:
 // wint8 s = max|v| / 127, q = rint(v / s); wint4 (llama.cpp's Q4_0) s = -v_m / 8 for the v_m of
 // largest magnitude, q = clamp(rint(v / s), -8, 7). s rounds to float16 first and q divides by that.
-void quantize_group(const float* v, int64_t G, int bits, int8_t* q, uint16_t* scale) {
+void quantize_group(const float* v, int64_t G, int bits, int8_t* q, uint16_t* scale) {  // scale: where it goes
   float amax = 0.f, extreme = 0.f;
   for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(v[i]));  // vectorised, unlike one pass for both
   for (int64_t i = 0; i < G && bits == 4; ++i) {
@@ -185,27 +194,27 @@ extern "C" __attribute__((visibility("default"))) int ernie_quantize(
     const void* src, int src_is_bf16, int64_t N, int64_t K, int64_t row_stride, int64_t col_stride, int64_t group,
     int bits, void* data, uint16_t* scales, int threads) {
   if ((bits != 8 && bits != 4) || group <= 0 || group % kQuantBlock != 0) return 1;
-  const int64_t groups = (K + group - 1) / group, Kp = groups * group, row_bytes = bits == 8 ? Kp : Kp / 2;
+  const int64_t groups = (K + group - 1) / group, Kp = groups * group;
+  const QuantMatrix layout{static_cast<uint8_t*>(data), scales, N, Kp, group, bits};
 #pragma omp parallel num_threads(std::max(1, threads))
   {
     std::vector<float> v(group);
     std::vector<int8_t> q(group);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
-      uint8_t* out = static_cast<uint8_t*>(data) + n * row_bytes;
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t k0 = g * group, count = std::min(group, K - k0);
         const int64_t at = n * row_stride + k0 * col_stride;
         if (src_is_bf16) gather(static_cast<const uint16_t*>(src) + at, col_stride, count, v.data());
         else gather(static_cast<const float*>(src) + at, col_stride, count, v.data());
         std::fill(v.begin() + count, v.end(), 0.f);
-        quantize_group(v.data(), group, bits, q.data(), scales + n * groups + g);
-        if (bits == 8) {
-          std::memcpy(out + k0, q.data(), group);
-        } else {
-          for (int64_t b = 0; b < group; b += kQuantBlock)
-            for (int j = 0; j < 16; ++j)
-              out[(k0 + b) / 2 + j] = static_cast<uint8_t>((q[b + j] + 8) | (q[b + 16 + j] + 8) << 4);
+        quantize_group(v.data(), group, bits, q.data(), const_cast<uint16_t*>(&layout.scale(n, g)));
+        for (int64_t b = 0; b < group; b += kQuantBlock) {
+          uint8_t bytes[kQuantBlock];
+          if (bits == 8) std::memcpy(bytes, q.data() + b, kQuantBlock);
+          else for (int j = 0; j < 16; ++j) bytes[j] = static_cast<uint8_t>((q[b + j] + 8) | (q[b + 16 + j] + 8) << 4);
+          for (int c = 0; c < layout.block_bytes() / 4; ++c)
+            std::memcpy(const_cast<uint8_t*>(layout.chunk(n, (k0 + b) / kQuantBlock, c)), bytes + 4 * c, 4);
         }
       }
     }
