@@ -57,13 +57,11 @@ class Packed(nn.Layer):
         return [*self.data.shape[:-1], self.k]
 
     def dequantized(self, rows=None):
-        """float32 [N, K], or [len(rows), K] of the given rows (an embedding lookup)."""
+        """float32 [N, K], or [*rows.shape, K] of the given rows (an embedding lookup)."""
         if rows is None:
             return cpu_ops.dequantize(self.data, self.scales, self.k)
-        flat = rows.flatten()
-        scales = paddle.gather(self.scales.view(paddle.int16), flat).view(paddle.float16)  # no float16 gather on CPU
-        table = cpu_ops.dequantize(paddle.gather(self.data, flat), scales, self.k)
-        return table.reshape([*rows.shape, self.k])
+        packed = quant.Quantized(np.from_dlpack(self.data.detach()), np.from_dlpack(self.scales.detach()), self.k)
+        return paddle.to_tensor(quant.dequantize_rows(packed, rows.numpy())).reshape([*rows.shape, self.k])
 
 
 class RMSNorm(nn.Layer):

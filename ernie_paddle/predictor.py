@@ -115,23 +115,29 @@ def _fill(param, expert: int | None, ckpt: Checkpoint, group: mapping.Group, lay
 
 
 def _fill_packed(packed: Packed, expert: int | None, ckpt: Checkpoint, group: mapping.Group, layout: str):
-    """Quantize one matrix (or one expert's) as it loads: each checkpoint tensor is read whole (bf16 as
-    stored, other dtypes as float32), made [out, in], and packed into the model's integers and scales.
+    """Quantize one matrix (or one expert's) as it loads: its checkpoint tensors are read whole (bf16 as
+    stored, other dtypes as float32) into one [out, in] matrix (a fused one's -PT parts stacked: the
+    packed layout interleaves rows across parts), which is packed into the model's integers and scales.
     Loading holds the quantized model and one tensor at a time."""
     data, scales = _host_view(packed.data), _host_view(packed.scales)
     if expert is not None:
         data, scales = data[expert], scales[expert]
-    row = 0
-    for name in [group.paddle] if layout == "paddle" else group.pt:
-        info = ckpt.tensors[name]
-        dtype = "bfloat16" if ckpt.dtype(name) == "bfloat16" else "float32"
-        matrix = np.empty(info.shape, DTYPES[CODES[dtype]][1])
-        _read_blocks(ckpt, name, matrix, dtype)
-        if layout == "paddle" and group.how != mapping.COPY:
+    names = [group.paddle] if layout == "paddle" else list(group.pt)
+    dtype = "bfloat16" if all(ckpt.dtype(n) == "bfloat16" for n in names) else "float32"
+    if layout == "paddle":
+        matrix = np.empty(ckpt.tensors[group.paddle].shape, DTYPES[CODES[dtype]][1])
+        _read_blocks(ckpt, group.paddle, matrix, dtype)
+        if group.how != mapping.COPY:
             matrix = matrix.T  # [in, out] -> [out, in]: the quantizer reads the strided view
-        packed_rows = quant.quantize(matrix, packed.format)
-        data[row:row + len(matrix)], scales[row:row + len(matrix)] = packed_rows.data, packed_rows.scales
-        row += len(matrix)
+    else:
+        matrix = np.empty((packed.shape[-2], packed.k), DTYPES[CODES[dtype]][1])
+        row = 0
+        for name in names:
+            rows = ckpt.tensors[name].shape[0]
+            _read_blocks(ckpt, name, matrix[row:row + rows], dtype)
+            row += rows
+    quantized = quant.quantize(matrix, packed.format)
+    data[...], scales[...] = quantized.data, quantized.scales
 
 
 def _host_view(param) -> np.ndarray:

@@ -60,22 +60,24 @@ void grouped_rows(const float* x, const W* w, const int64_t* offsets, float* y, 
 }
 
 // The packed form: x's rows rounded to int8 blocks once (quant.h), then each thread's tiles through
-// quant_matmul_range. Tiles of 16 rows: a few hundred per expert matrix, enough to share evenly.
+// quant_matmul_range. Tiles of 16 rows (two of the interleaved groups of 8): a few hundred per expert
+// matrix, enough to share evenly.
 void grouped_quant_rows(const float* x, const QuantMatrix& stack, const int64_t* offsets, float* y, int64_t R,
                         int64_t E, int64_t K, int threads) {
   const int64_t N = stack.N, Kp = stack.Kp, blocks = Kp / kQuantBlock;
   std::vector<int8_t> q(R * Kp);
   std::vector<float> d(R * blocks);
-  QuantRows all{q.data(), d.data(), R, Kp};
+  std::vector<int32_t> sums8(R * blocks);
+  QuantRows all{q.data(), d.data(), sums8.data(), R, Kp};
   prepare_rows(x, K, &all);
-  const Tiles tiles(offsets, E, N, 16);
+  const Tiles tiles(offsets, E, N, 2 * kQuantRowGroup);  // tiles start at multiples of the interleaved rows
 #pragma omp parallel num_threads(threads)
   {
     int64_t t0, t1;
     share(tiles.count(), omp_get_thread_num(), omp_get_num_threads(), 1, &t0, &t1);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = tiles.expert(t), first = offsets[e], n0 = tiles.first_row(t);
-      QuantRows rows{all.q + first * Kp, all.d + first * blocks, offsets[e + 1] - first, Kp};
+      QuantRows rows{all.q + first * Kp, all.d + first * blocks, all.sums8 + first * blocks, offsets[e + 1] - first, Kp};
       QuantMatrix w = stack;
       w.data += e * N * stack.row_bytes();
       w.scales += e * N * (Kp / stack.group);
