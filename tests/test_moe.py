@@ -228,3 +228,22 @@ def test_check_passes_a_conversion_and_flags_one_altered_expert(tmp_path, capsys
     out, err = capsys.readouterr()
     assert code == 1
     assert err.startswith("ernie-paddle check: FAIL prompt ")
+
+
+def test_the_command_line_and_stream_take_a_moe_model(tmp_path, capsys):
+    """`ernie-paddle generate` and `bench` on a MoE model; `stream` yields what `generate` returns."""
+    from ernie_paddle import check
+    from ernie_paddle.cli import main
+
+    save_tiny_moe_pt(tmp_path, seed=6, vocab_size=448, eos_token_id=447, bias_range=(0, 0.05))
+    save_tiny_tokenizer(tmp_path, check.DEFAULT_PROMPTS)
+    pred = ErniePredictor.from_pretrained(tmp_path, device="cpu", dtype="float32")
+    prompt = check.DEFAULT_PROMPTS[0]
+    want = pred.generate(prompt, max_new_tokens=12)[0]
+    assert "".join(chunk.text for chunk in pred.stream(prompt, max_new_tokens=12)) == want.text
+    assert main(["generate", "--model", str(tmp_path), "--device", "cpu", "--prompt", prompt,
+                 "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == prompt + want.text + "\n"
+    assert main(["bench", "--model", str(tmp_path), "--device", "cpu", "--input-lens", "3",
+                 "--output-lens", "4"]) == 0
+    assert "routed experts only" in capsys.readouterr().out
