@@ -5,7 +5,7 @@ plain C functions, and the weight-only int8 / int4 matmul (csrc/quant.h has its 
 
 Decoding multiplies a few rows by every weight matrix, so its speed is the speed of reading the
 weights: the matmul streams them over all cores (MKL runs a one-row product on one core), and the
-attention op replaces ~20 small ops per layer (README "Speed" has the measurements). Without a C++
+attention op replaces ~20 small ops per layer (docs/performance.md has the measurements). Without a C++
 compiler, or with ERNIE_PADDLE_CPU_OPS=0, Paddle's own ops run instead: same results to float32
 rounding.
 ERNIE_PADDLE_CPU_ARCH=x86-64-v3 (any GCC -march value) builds for that instruction set instead of this

@@ -88,7 +88,7 @@ def _import_paddle():
             import paddle
     except ImportError:
         raise ErnieError("PaddlePaddle is not installed: pip install 'ernie-paddle[cpu]' for CPU, "
-                         "or install your GPU/NPU Paddle build (see README)") from None
+                         "or install your GPU/NPU Paddle build (see README.md, 'Set up')") from None
     return paddle
 
 

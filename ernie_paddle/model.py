@@ -3,7 +3,7 @@
 The attention projection is one fused [Q | K | V] matrix and the MLP one fused [GATE | UP] matrix,
 as in the -Paddle checkpoints, but every weight matrix is held [out, in] (y = x @ W^T), as transformers
 holds them: the -Paddle checkpoint's [in, out] matrices are transposed as they load. The CPU decoding
-kernel reads 8 rows 1.5-1.7x as fast that way, and one row as fast (README "Speed").
+kernel reads 8 rows 1.5-1.7x as fast that way, and one row as fast (docs/performance.md).
 Numerics follow transformers' `Ernie4_5ForCausalLM` and `Ernie4_5_MoeForCausalLM`: RMSNorm statistics,
 interleaved RoPE, the attention softmax and the MoE router in float32, whatever the compute dtype.
 

@@ -73,7 +73,7 @@ def test_unavailable_device_is_one_clear_line(places, requested, hint):
 def test_npu_without_the_plugin_says_what_to_install(places):
     places()
     with pytest.raises(ErnieError, match=r"--device npu:0: not available here; choose from auto, cpu "
-                                         r"\(npu: install paddle-custom-npu, see README 'Ascend NPU'\)$"):
+                                         r"\(npu: install paddle-custom-npu, see docs/npu.md\)$"):
         device.resolve("npu:0")
 
 
