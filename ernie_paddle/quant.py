@@ -6,9 +6,9 @@ A float32 (or bf16) matrix W [N, K], as the model holds a Linear weight, packs i
   bytes, byte j holding weight j of the block in its low nibble and weight 16 + j in its high one,
   as q + 8;
 - scales: float16 [N, Kp / GROUP];
-with the rows interleaved in groups of 8 for the kernel (all but the last N % 8), as csrc/quant.h
-details: row n is not data[n]; dequantize_rows() gives rows.
-with K padded by zero weights to Kp, a multiple of the group. W[n, k] = q * scales[n, k // GROUP].
+with K padded by zero weights to Kp, a multiple of the group, W[n, k] = q * scales[n, k // GROUP], and
+the rows interleaved in groups of 8 for the kernel (all but the last N % 8) as csrc/quant.h details:
+row n is not data[n]; dequantize_rows() gives rows.
 wint8 takes s = max|w| / 127 in each group and q = rint(w / s) in -127..127 (llama.cpp's Q8_0);
 wint4 takes s = -w_m / 8 for the w_m of largest magnitude, so that it maps to -8 exactly, and
 q = clip(rint(w / s), -8, 7) (llama.cpp's Q4_0). s is rounded to float16 before q is computed.
@@ -33,10 +33,10 @@ GROUP = 32
 
 
 # The lm_head's format under each (the tied embedding of the small models, so also the table its rows are
-# looked up in, with dequantize_rows). At 4 bits it gave 20x the KL of the
-# whole wint4 model with a wint8 one (0.0017 against 0.00008 on the demo model); llama.cpp's Q4_0
-# keeps it at Q6_K. At 8 bits it reads half the bf16 bytes: the 0.3B model's 103424 x 1024 lm_head is
-# 30% of its weights.
+# looked up in, with dequantize_rows). At 4 bits it gave 20x the KL of the whole wint4 model with a
+# wint8 one (0.0017 against 0.00008 on the demo model, where a bf16 one gives 0.00008 too); llama.cpp's
+# Q4_0 keeps it at Q6_K. At 8 bits it reads half the bf16 bytes: the 0.3B model's 103424 x 1024 lm_head
+# is 30% of its weights.
 HEAD_FORMAT = {"wint8": "wint8", "wint4": "wint8"}
 
 
@@ -51,8 +51,9 @@ class Quantized(NamedTuple):
 
 
 def quantize(w: np.ndarray, format: str, group: int = GROUP) -> Quantized:
-    """W [N, K] (float32, or uint16 holding bf16 bits as checkpoint.py reads them; any strides, so a
-    transposed view works) packed as `format`."""
+    """W [N, K] (float32, or uint16 holding bf16 bits as checkpoint.py reads them) packed as `format`.
+    Any strides work, a -Paddle [in, out] matrix's transposed view too, but reading across rows is
+    ~10x slower than cpu_ops.copy_transposed and then this."""
     if format not in FORMATS:
         raise ValueError(f"unknown quantization {format!r}: use one of {', '.join(FORMATS)}")
     if group <= 0 or group % 32:
@@ -69,7 +70,6 @@ def quantize(w: np.ndarray, format: str, group: int = GROUP) -> Quantized:
 
 def dequantize(q: Quantized) -> np.ndarray:
     """The float32 [N, K] matrix that `q` holds."""
-    n, groups = q.scales.shape
     return _dequantize_plain(_interleave(q.data, inverse=True), _interleave(q.scales, inverse=True), q.k)
 
 
