@@ -127,8 +127,10 @@ def _fill_packed(packed: Packed, expert: int | None, ckpt: Checkpoint, group: ma
     if layout == "paddle":
         matrix = np.empty(ckpt.tensors[group.paddle].shape, DTYPES[CODES[dtype]][1])
         _read_blocks(ckpt, group.paddle, matrix, dtype)
-        if group.how != mapping.COPY:
-            matrix = matrix.T  # [in, out] -> [out, in]: the quantizer reads the strided view
+        if group.how != mapping.COPY:  # [in, out] -> [out, in]: the quantizer reads rows 10x as fast
+            rows = np.empty(matrix.shape[::-1], matrix.dtype)
+            cpu_ops.copy_transposed(matrix, rows)
+            matrix = rows
     else:
         matrix = np.empty((packed.shape[-2], packed.k), DTYPES[CODES[dtype]][1])
         row = 0

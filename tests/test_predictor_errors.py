@@ -135,4 +135,4 @@ def test_without_paddle_one_line_says_what_to_install(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "ernie-paddle generate: error: PaddlePaddle is not installed: pip install 'ernie-paddle[cpu]' for CPU, "
-        "or install your GPU/NPU Paddle build (see README)"]
+        "or install your GPU/NPU Paddle build (see README.md, 'Set up')"]
