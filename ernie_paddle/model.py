@@ -367,8 +367,9 @@ class ErnieForCausalLM(nn.Layer):
         return out
 
     def weights(self) -> dict[str, paddle.Tensor]:
-        """The weights by -Paddle checkpoint name (Linear weights [out, in]; an expert's, a slice of its stack)."""
-        return {name: p if e is None else p[e] for name, (p, e) in self.load_targets().items()}
+        """The weights by -Paddle checkpoint name (Linear weights [out, in]; an expert's, a slice of its
+        stack, or a Packed stack whole)."""
+        return {name: p if e is None or isinstance(p, Packed) else p[e] for name, (p, e) in self.load_targets().items()}
 
     def forward(self, input_ids, positions, mask, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False):
