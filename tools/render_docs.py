@@ -91,6 +91,8 @@ def kind(data: dict) -> str:
         return "bench_vs_transformers"
     if "step_bytes_28_layers" in data:
         return "bench_moe"
+    if "full_wint4" in data:
+        return "bench_moe_full"
     if "llama_cpp_python" in data:
         return "bench_vs_llamacpp"
     if "rows" in data and "weight_bytes" in data:
@@ -209,8 +211,16 @@ def bench_vs_llamacpp_table(data: dict, view: str) -> list[str]:
             "alternating rounds."]
 
 
+def bench_moe_full_table(data: dict, view: str) -> list[str]:
+    run = data["full_wint4"]
+    return table(["model", "load (s)", "held weights (GB)", "peak RSS (GB)", "decode (tok/s)"],
+                 [["21B-A3B shape, 28 layers, bf16 checkpoint loaded as wint4", f"{run['load_s']:.0f}",
+                   f"{run['weight_bytes'] / 1e9:.2f}", f"{run['peak_rss_bytes'] / 1e9:.2f}", f"{run['decode_tps']:.2f}"]])
+
+
 RENDERERS = {"check": check_table, "bench": bench_table, "bench_vs_transformers": bench_vs_transformers_table,
-             "bench_moe": bench_moe_table, "bench_vs_llamacpp": bench_vs_llamacpp_table}
+             "bench_moe": bench_moe_table, "bench_moe_full": bench_moe_full_table,
+             "bench_vs_llamacpp": bench_vs_llamacpp_table}
 
 
 def provenance(results: dict, link: str) -> str:
