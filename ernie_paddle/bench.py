@@ -95,6 +95,22 @@ def measure(model, input_len: int, output_len: int, batch: int = 1, repeat: int 
                     batch * input_len / ttft, step_bytes(model) / tpot / 1e9 if tpot else 0.0)
 
 
+def wait_for_idle_cpu(limit: float = 0.25, timeout: float = 120.0) -> float:
+    """Wait until the machine's CPU use over a second is below `limit`; returns the last figure."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]
+    deadline = time.monotonic() + timeout
+    while True:
+        total0, idle0 = sample()
+        time.sleep(1.0)
+        total1, idle1 = sample()
+        busy = 1 - (idle1 - idle0) / max(1, total1 - total0)
+        if busy < limit or time.monotonic() > deadline:
+            return busy
+
+
 def matmul_ceiling(model, device: str, repeat: int = 5, kernel: bool = False) -> float | None:
     """Seconds for one batch-1 pass of bare matmuls, one call per weight matrix (the tied embedding as
     the lm_head; of a MoE layer's experts, the first top_k): the bound for a decode step. With `kernel`, the CPU decoding kernel's over the weights

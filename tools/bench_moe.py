@@ -105,22 +105,6 @@ def write_random_checkpoint(directory: Path, config: dict, architecture: str, mo
         {"architectures": [architecture], "model_type": model_type, "torch_dtype": "bfloat16", **config}, indent=1))
 
 
-def wait_for_idle_cpu(limit: float = 0.25, timeout: float = 120.0) -> float:
-    """Wait until the machine's CPU use over a second is below `limit`; returns the last figure."""
-    def sample():
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]
-    deadline = time.monotonic() + timeout
-    while True:
-        total0, idle0 = sample()
-        time.sleep(1.0)
-        total1, idle1 = sample()
-        busy = 1 - (idle1 - idle0) / max(1, total1 - total0)
-        if busy < limit or time.monotonic() > deadline:
-            return busy
-
-
 def measure_load(directory: str, new_tokens: int, quantization: str | None = None) -> dict:
     """In a fresh process: load, generate `new_tokens`; the load time, peak RSS, held weights and KV cache."""
     from ernie_paddle import ErniePredictor
@@ -210,7 +194,7 @@ def main(argv=None) -> int:
             write_random_checkpoint(moe_dir, moe_config, "Ernie4_5_MoeForCausalLM", "ernie4_5_moe")
         if not dense_dir.exists():
             write_random_checkpoint(dense_dir, DENSE_03B, "Ernie4_5ForCausalLM", "ernie4_5")
-        from ernie_paddle.bench import random_prompts, step_bytes, weight_bytes
+        from ernie_paddle.bench import random_prompts, step_bytes, wait_for_idle_cpu, weight_bytes
 
         load = fresh_process_load(moe_dir, args.new_tokens)
         moe_model, moe_run = ours(moe_dir)

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     files = ggufs(checkpoint, source, binaries, models_dir)
 
     from ernie_paddle import ErniePredictor
-    from ernie_paddle.bench import random_prompts, time_generation
+    from ernie_paddle.bench import random_prompts, time_generation, wait_for_idle_cpu
     from ernie_paddle.device import cpu_threads
 
     prompt = random_prompts(ARCHITECTURE["vocab_size"], 1, PROMPT_LEN)
@@ -145,7 +145,9 @@ def main(argv=None) -> int:
     rounds = {kind: {"llama.cpp": [], "ernie-paddle": []} for kind, _ in PAIRS}
     for r in range(args.rounds):
         for kind, quantization in PAIRS:
+            wait_for_idle_cpu()  # the machine is shared: each measurement starts on an idle CPU
             rounds[kind]["llama.cpp"].append(llama_bench(binaries, files[kind], args.threads, args.new_tokens))
+            wait_for_idle_cpu()
             timing = time_generation(ours[quantization], prompt, args.new_tokens)
             rounds[kind]["ernie-paddle"].append(decode_tps(timing, args.new_tokens))
             print(f"round {r + 1}: {kind} llama.cpp {rounds[kind]['llama.cpp'][-1]:.1f}, ernie-paddle "
