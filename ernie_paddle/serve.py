@@ -119,15 +119,21 @@ class CompletionRequest(Sampling):
         raise ValueError("expected a string, a list of token ids, or a list of those")
 
 
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Any = None
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value) -> str:
+        """The message's text: a string, or the text parts' strings joined."""
+        if value is None or isinstance(value, str):
+            return value or ""
+        if isinstance(value, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                           and isinstance(part.get("text"), str) for part in value):
+            return "".join(part["text"] for part in value)
+        raise ValueError('expected a string or a list of {"type": "text", "text": ...} parts (text only)')
 
 
 class ChatRequest(Sampling):
@@ -199,6 +205,7 @@ class Server:
                  request_timeout: float | None = None):
         self.predictor, self.engine, self.tokenizer = predictor, engine, predictor.tokenizer
         self.served_name, self.max_tokens, self.request_timeout = served_name, max_tokens, request_timeout
+        self.body_timeout = min(BODY_TIMEOUT_S, request_timeout or BODY_TIMEOUT_S)
         self.created = int(time.time())
         self.metrics = Metrics(engine)
         self.chat_template = _chat_template(Path(predictor.directory)) if predictor.directory else None
@@ -247,7 +254,7 @@ class Server:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def completions(self, request):
-        body = parse(CompletionRequest, await _read_body(request, min(BODY_TIMEOUT_S, self.request_timeout or BODY_TIMEOUT_S)))
+        body = parse(CompletionRequest, await _read_body(request, self.body_timeout))
         self._check_model(body.model)
         prompts = [self._ids(p, "prompt") for p in body.prompt]
         if body.stream and len(prompts) > 1:
@@ -275,7 +282,7 @@ class Server:
             for i, (out, ids, text) in enumerate(zip(merged, prompts, texts))], "usage": _usage(merged)})
 
     async def chat(self, request):
-        body = parse(ChatRequest, await _read_body(request, min(BODY_TIMEOUT_S, self.request_timeout or BODY_TIMEOUT_S)))
+        body = parse(ChatRequest, await _read_body(request, self.body_timeout))
         self._check_model(body.model)
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs: needs logprobs set to true", "top_logprobs")
@@ -318,9 +325,7 @@ class Server:
         return ids
 
     def _chat_prompt(self, messages: list[ChatMessage]) -> str:
-        plain = [{"role": "system" if m.role == "developer" else m.role,
-                  "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])}
-                 for m in messages]
+        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
         if self.chat_template is None:
             return self.tokenizer.apply_chat_template(plain)
         try:
