@@ -95,7 +95,7 @@ class Sampling(Strict):
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, value):
-        if value and not all(key.isdigit() and -100 <= bias <= 100 for key, bias in value.items()):
+        if value and not all(key.isascii() and key.isdigit() and -100 <= bias <= 100 for key, bias in value.items()):
             raise ValueError("expected {token id: bias from -100 to 100}")
         return value
 
@@ -112,9 +112,10 @@ class CompletionRequest(Sampling):
     def _prompt(cls, value):
         if value is None or value == [] or value == "":
             raise ValueError("required and not empty")
-        if isinstance(value, str) or all(_is_int(t) for t in value):
+        if isinstance(value, str) or (isinstance(value, list) and all(_is_int(t) for t in value)):
             return [value]
-        if all(isinstance(p, str) or (isinstance(p, list) and p and all(_is_int(t) for t in p)) for p in value):
+        if isinstance(value, list) and all(
+                isinstance(p, str) or (isinstance(p, list) and p and all(_is_int(t) for t in p)) for p in value):
             return list(value)
         raise ValueError("expected a string, a list of token ids, or a list of those")
 
@@ -234,6 +235,7 @@ class Server:
                 e.status_code, f"no route {request.method} {request.url.path}; the API is at /v1/completions, "
                                "/v1/chat/completions, /v1/models, /health, /metrics" if e.status_code == 404
                 else f"{request.method} {request.url.path}: {e.detail}")),
+            Exception: lambda _, e: _error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}")),
         }, lifespan=lifespan)
         return app if api_key is None else _require_key(app, api_key)
 
@@ -259,7 +261,8 @@ class Server:
         prompts = [self._ids(p, "prompt") for p in body.prompt]
         if body.stream and len(prompts) > 1:
             raise ApiError(400, "prompt: streaming takes one prompt", "prompt")
-        params = [self._params(body, ids, body.max_tokens or 16, "prompt", body.logprobs, body.echo) for ids in prompts]
+        params = [self._params(body, ids, body.max_tokens or 16, "prompt", body.logprobs, body.echo, body.max_tokens)
+                  for ids in prompts]
         texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in body.prompt]
         head = _head("cmpl", "text_completion", self.served_name)
         if body.stream:
@@ -290,8 +293,8 @@ class Server:
             raise ApiError(400, "max_completion_tokens: give it or max_tokens, not both", "max_completion_tokens")
         ids = self._ids(self._chat_prompt(body.messages), "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = self._params(body, ids, max_tokens, "messages",
-                              (body.top_logprobs or 0) if body.logprobs else None, False)
+        params = self._params(body, ids, max_tokens, "messages", (body.top_logprobs or 0) if body.logprobs else None,
+                              False, max_tokens)
         head = _head("chatcmpl", "chat.completion", self.served_name)
         if body.stream:
             chunk_head = {**head, "object": "chat.completion.chunk"}
@@ -333,8 +336,10 @@ class Server:
         except Exception as e:  # the template's own checks (raise_exception) and its bugs
             raise ApiError(400, f"messages: the model's chat template refused them ({e})", "messages") from None
 
-    def _params(self, body: Sampling, ids: list[int], max_tokens: int | None, field: str, logprobs: int | None,
-                echo: bool):
+    def _params(self, body: Sampling, ids: list[int], default: int | None, field: str, logprobs: int | None,
+                echo: bool, max_tokens: int | None):
+        """The engine's settings for one prompt; `max_tokens` as asked for, else `default` within the
+        limits (else as many as fit)."""
         from .engine import SamplingParams
 
         room = self.engine.max_model_len - len(ids)
@@ -342,7 +347,7 @@ class Server:
             raise ApiError(400, f"{field}: {len(ids)} tokens leave no room in a slot's {self.engine.max_model_len} "
                                 "tokens (--max-model-len)", field)
         limit = min(room, self.max_tokens or room)
-        max_tokens = max_tokens or limit
+        max_tokens = max_tokens or min(default or limit, limit)
         if self.max_tokens and max_tokens > self.max_tokens:
             raise ApiError(400, f"max_tokens: {max_tokens} is above this server's limit of {self.max_tokens} "
                                 "(--max-tokens)", "max_tokens")
@@ -396,7 +401,14 @@ class Server:
 
     async def _run(self, request, prompts: list[list[int]], params: list) -> list[list]:
         """Every prompt's outputs; cancelled as soon as the client disconnects."""
-        submitted = [self._submit(ids, p) for ids, p in zip(prompts, params)]
+        submitted = []
+        try:
+            for ids, p in zip(prompts, params):
+                submitted.append(self._submit(ids, p))
+        except ApiError:
+            for engine_request, _, _ in submitted:
+                self.engine.cancel(engine_request)
+            raise
 
         async def collect(outputs, started):
             return [out async for out in self._outputs(outputs, started)]
@@ -412,7 +424,7 @@ class Server:
         if not gathered.done():
             gathered.cancel()
             self.metrics.requests.labels("cancelled").inc(len(submitted))
-            return [[]]  # the client is gone; nothing will be read
+            raise ApiError(499, "the client closed the connection")  # nobody reads this
         results = gathered.result()
         errors = [outs[-1].error for outs in results if outs[-1].error]
         if errors:
@@ -427,9 +439,10 @@ class Server:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events():
-            first, last = True, None
+            first, last, ended = True, None, False
             try:
                 async for out in self._outputs(outputs, started):
+                    ended = bool(out.finish_reason or out.error)
                     if out.error:
                         yield _sse(ApiError(500, out.error).body())
                         break
@@ -438,12 +451,12 @@ class Server:
                         payload["usage"] = None
                     yield _sse(payload)
                     first, last = False, out
-                if include_usage and last is not None:
+                if include_usage and last is not None and last.finish_reason:
                     yield _sse({**payload, "choices": [], "usage": _usage([last])})
                 yield "data: [DONE]\n\n"
             finally:  # also when the client went away: Starlette cancels this generator
                 self.engine.cancel(engine_request)
-                if last is None or not last.finish_reason:
+                if not ended:
                     self.metrics.requests.labels("cancelled").inc()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
