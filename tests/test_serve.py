@@ -273,6 +273,9 @@ BAD_BODIES = [
     ({"prompt": PROMPT, "tools": []}, 400, "tools", "not supported"),
     ({"prompt": [PROMPT, PROMPT], "stream": True}, 400, "prompt", "streaming takes one prompt"),
     ({"prompt": [{"a": 1}]}, 400, "prompt", "a list of token ids"),
+    ({"prompt": 5}, 400, "prompt", "a list of token ids"),
+    ({"prompt": {"a": "b"}}, 400, "prompt", "a list of token ids"),
+    ({"prompt": PROMPT, "logit_bias": {"\u00b2": 1}}, 400, "logit_bias", "token id"),
     ({"prompt": [5, 99999]}, 400, "prompt", "outside the vocabulary"),
     ({"prompt": PROMPT, "model": "gpt-4"}, 404, "model", "model 'gpt-4' does not exist"),
 ]
@@ -370,7 +373,8 @@ def test_32_concurrent_clients_each_get_what_they_get_alone(random_model):
 
 @pytest.fixture(scope="module")
 def one_slot():
-    server = ServerProcess(DEMO, "--max-num-seqs", 1, "--max-queue", 1, "--request-timeout", 2, "--api-key", "k3y")
+    server = ServerProcess(DEMO, "--max-num-seqs", 1, "--max-queue", 1, "--request-timeout", 2, "--api-key", "k3y",
+                           "--max-tokens", 500)
     yield server
     assert server.stop() == 0, server.log
 
@@ -407,6 +411,12 @@ def test_api_key_on_every_route_but_health(one_slot):
     with pytest.raises(openai.AuthenticationError):
         one_slot.client(api_key="wrong").models.list()
     assert one_slot.client(api_key="k3y").completions.create(model=DEMO.name, prompt=PROMPT, max_tokens=2).usage
+
+
+def test_max_tokens_cap(one_slot):
+    status, _, body = call(one_slot.port, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 501}, KEY)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "max_tokens" and "limit of 500 (--max-tokens)" in error["message"]
 
 
 def test_a_client_that_disconnects_frees_its_slot(one_slot):
