@@ -122,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds a request may take in all, queueing included (default: no limit)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (not on /health)")
     _device_args(p)
+    _quantization_arg(p)
     _add_help_texts(parser, sub)
     return parser
 

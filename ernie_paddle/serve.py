@@ -639,7 +639,7 @@ def run_serve(args) -> int:
         if getattr(args, option) is not None and getattr(args, option) <= 0:
             raise ErnieError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be positive")
     predictor = ErniePredictor.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                               weight_dtype=args.weight_dtype)
+                                               weight_dtype=args.weight_dtype, quantization=args.quantization)
     if predictor.tokenizer is None:
         raise ErnieError(f"{predictor.directory}: no tokenizer.model; the server needs the model's tokenizer")
     positions = predictor.config.max_position_embeddings

@@ -25,12 +25,6 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 SEPARATORS = {"&&", "||", "|", ";", "&"}
 
-# Commands shown for options that land with branches not merged yet: they must fail to parse until
-# then. Empty this set once `quant` and `serve` are merged (the test says which lines now parse).
-PENDING = {
-    "ernie-paddle serve --model ./ERNIE-4.5-0.3B-PT --max-num-seqs 8 --api-key KEY",
-}
-
 
 def load_renderer():
     spec = importlib.util.spec_from_file_location("render_docs", ROOT / "tools" / "render_docs.py")
@@ -117,10 +111,9 @@ def test_every_shown_command_parses():
     for where, line in shown:
         for argv in commands(line):
             error = parse_error(argv)
-            if (error is None) == (line in PENDING):
-                failures.append(f"{where}\n    -> {error or 'parses now: remove it from PENDING in tests/test_docs.py'}")
-    missing = PENDING - {line for _, line in shown}
-    assert not failures and not missing, "\n".join(failures + [f"PENDING line not in any page: {m}" for m in missing])
+            if error is not None:
+                failures.append(f"{where}\n    -> {error}")
+    assert not failures, "\n".join(failures)
 
 
 def test_the_command_check_can_fail():
