@@ -44,9 +44,10 @@ def weight_bytes(model) -> int:
     return sum(int(np.prod(p.shape)) * p.element_size() for p in model.parameters())
 
 
-def step_bytes(model, parameters=None) -> int:
-    """Weight bytes a batch-1 decode step reads (of `parameters`, by default all): every matrix, but of a
-    MoE layer's stacked experts only the top_k a token is routed to, and of an untied embedding one row."""
+def step_bytes(model, parameters=None, batch: int = 1) -> int:
+    """Weight bytes a decode step of `batch` rows reads (of `parameters`, by default all): every matrix,
+    but of a MoE layer's stacked experts only those the rows are routed to (at batch 1 top_k; at batch B,
+    for independent uniform routing, E (1 - (1 - k/E)^B) of the E), and of an untied embedding one row."""
     moe = model.config.moe
     embedding = model.ernie.embed_tokens
     lookup_only = set() if model.lm_head is None else \
@@ -55,7 +56,7 @@ def step_bytes(model, parameters=None) -> int:
     for p in model.parameters() if parameters is None else parameters:
         nbytes = int(np.prod(p.shape)) * p.element_size()
         if len(p.shape) == 3:
-            nbytes = nbytes * moe.top_k // moe.num_experts
+            nbytes = int(nbytes * (1 - (1 - moe.top_k / moe.num_experts) ** batch))
         elif id(p) in lookup_only:
             nbytes = nbytes // p.shape[0]
         total += nbytes
@@ -92,7 +93,7 @@ def measure(model, input_len: int, output_len: int, batch: int = 1, repeat: int 
     ttft, latency = min((time_generation(model, prompts, output_len) for _ in range(repeat)), key=lambda r: r[1])
     tpot = (latency - ttft) / (output_len - 1) if output_len > 1 else 0.0
     return BenchRow(input_len, output_len, batch, latency, batch * output_len / latency, tpot, ttft,
-                    batch * input_len / ttft, step_bytes(model) / tpot / 1e9 if tpot else 0.0)
+                    batch * input_len / ttft, step_bytes(model, batch=batch) / tpot / 1e9 if tpot else 0.0)
 
 
 def wait_for_idle_cpu(limit: float = 0.25, timeout: float = 120.0) -> float:

@@ -73,7 +73,7 @@ def _moe_settings(raw: dict, layers: int, source: str) -> MoeSettings:
     moe = MoeSettings(
         num_experts=int(raw.get("moe_num_experts", 64)), top_k=int(raw.get("moe_k", 6)),
         intermediate_size=int(raw.get("moe_intermediate_size", 1536)),
-        num_shared_experts=int(raw.get("moe_num_shared_experts") or 0),
+        num_shared_experts=int(raw.get("moe_num_shared_experts", 2) or 0),  # transformers' default
         layer_start=int(raw.get("moe_layer_start_index", 1)), layer_end=layers - 1 if end == -1 else end,
         layer_interval=int(raw.get("moe_layer_interval", 1)), norm_min=float(raw.get("moe_norm_min", 1e-12)))
     if not 1 <= moe.top_k <= moe.num_experts:

@@ -193,7 +193,8 @@ def resolve_weight_dtype(requested: str, place: str, dtype: str, ckpt: Checkpoin
                              "(see the line above); install a C++ compiler or leave --quantization out")
         return quantization
     stored = {ckpt.dtype(n) for n, info in ckpt.tensors.items()
-              if len(info.shape) == 2 and not mapping.ROUTER.search(n)}  # the MoE router stays float32
+              if len(info.shape) == 2 and not mapping.ROUTER.search(n)  # the MoE router stays float32
+              and not mapping.SKIPPED.match(n)}  # nor are the skipped multi-token-prediction tensors loaded
     on_cpu = place == "cpu" and dtype == "float32"
     kernels = on_cpu and cpu_ops.available()  # built here the first time on this machine, not in a first request
     if requested in (None, "auto"):

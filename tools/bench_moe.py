@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     print("| round | system | batch | new tokens | decode (tok/s) | weights read (GB/s) | CPU busy before |")
     print("|---|---|---|---|---|---|---|")
     for row in rounds:
-        gbps = read[row["system"]] * row["decode_tps"] / row["batch"] / 1e9 if row["system"] in read else None
+        model = {"moe": moe_model, "dense": dense_model}.get(row["system"])
+        gbps = step_bytes(model, batch=row["batch"]) * row["decode_tps"] / row["batch"] / 1e9 if model else None
         row["read_gbps"] = gbps
         print(f"| {row['round']} | {row['system']} | {row['batch']} | {row['new_tokens']} | {row['decode_tps']:.2f} "
               f"| {gbps:.1f} | {row['cpu_busy_before']:.0%} |" if gbps else

@@ -166,9 +166,8 @@ void quantize_group(const float* v, int64_t G, int bits, int8_t* q, uint16_t* sc
       break;
     }
   }
-  const _Float16 s16 = static_cast<_Float16>(bits == 8 ? amax / 127.f : extreme / -8.f);
-  std::memcpy(scale, &s16, sizeof(s16));
-  const float s = static_cast<float>(s16), inverse = s == 0.f ? 0.f : 1.f / s;
+  *scale = float_to_half(bits == 8 ? amax / 127.f : extreme / -8.f);
+  const float s = half_to_float(*scale), inverse = s == 0.f ? 0.f : 1.f / s;
   const float lo = bits == 8 ? -127.f : -8.f, hi = bits == 8 ? 127.f : 7.f;
   for (int64_t i = 0; i < G; ++i) q[i] = static_cast<int8_t>(std::min(hi, std::max(lo, __builtin_rintf(v[i] * inverse))));
 }

@@ -78,11 +78,25 @@ struct QuantRows {
   int64_t M, Kp;
 };
 
+// float16 <-> float32 through F16C's instructions where the CPU has them (every AVX2 x86 CPU): GCC has
+// _Float16 on x86 only from version 12, and a failed build would take every CPU kernel with it.
+// float_to_half rounds to nearest even, as numpy's astype(np.float16) does.
+#if defined(__F16C__)
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+inline uint16_t float_to_half(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+#else
 inline float half_to_float(uint16_t h) {
   _Float16 v;
   std::memcpy(&v, &h, sizeof(v));
   return static_cast<float>(v);
 }
+inline uint16_t float_to_half(float f) {
+  const _Float16 v = static_cast<_Float16>(f);
+  uint16_t h;
+  std::memcpy(&h, &v, sizeof(h));
+  return h;
+}
+#endif
 
 // The bytes of row n's block b, in order.
 inline void block_of(const QuantMatrix& w, int64_t n, int64_t b, uint8_t* out) {
