@@ -133,12 +133,12 @@ print(sum(faults[1:]))
 @pytest.mark.parametrize("first", ["", "import paddle"], ids=["ours", "the-caller-s"])  # whoever imports paddle
 def test_a_freed_tensor_s_memory_is_reused_without_page_faults(first):
     # 24 MB tensors, 10 times: each one written through 6144 fresh 4 KB pages if glibc hands the memory
-    # back to the system on free. Kept, the first one (in some runs up to three) takes fresh pages and
-    # the rest reuse them.
+    # back to the system on free (61440 faults). Kept, the first one (in some runs three, and a few pages
+    # more: 18435 faults were seen in a full CI run) takes fresh pages and the rest reuse them.
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     run = subprocess.run([sys.executable, "-c", first + FRESH_TENSOR_FAULTS], env=environment, capture_output=True,
                          text=True, check=True)
-    assert int(run.stdout.split()[-1]) < 3 * 6144
+    assert int(run.stdout.split()[-1]) < 5 * 6144
 
 
 def test_synchronize_and_peak_memory_are_safe_on_cpu():
