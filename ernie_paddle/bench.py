@@ -2,9 +2,9 @@
 
 Prompts are random token ids, and every run generates exactly its output length (an end-of-text
 token does not stop it). Decoding reads every weight once per step (of a MoE layer, the experts a
-token is routed to), so the achieved weight bandwidth is those bytes / TPOT; `matmul_ceiling` measures what bare matmuls allow over the same weights, one
-call per matrix: the decoding kernel's over the model's, Paddle's (on CPU over copies in its faster
-layout).
+token is routed to), so the achieved weight bandwidth is those bytes / TPOT; `matmul_ceiling`
+measures what bare matmuls allow over the same weights, one call per matrix: the decoding kernel's
+over the model's, Paddle's (on CPU over copies in its faster layout).
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def wait_for_idle_cpu(limit: float = 0.25, timeout: float = 120.0) -> float:
 
 def matmul_ceiling(model, device: str, repeat: int = 5, kernel: bool = False) -> float | None:
     """Seconds for one batch-1 pass of bare matmuls, one call per weight matrix (the tied embedding as
-    the lm_head; of a MoE layer's experts, the first top_k): the bound for a decode step. With `kernel`, the CPU decoding kernel's over the weights
-    as the model holds them ([out, in]). Else `paddle.matmul`'s; on CPU over the -Paddle layout ([in,
+    the lm_head; of a MoE layer's experts, the first top_k): the bound for a decode step. With `kernel`,
+    the CPU decoding kernel's over the weights as the model holds them ([out, in]). Else `paddle.matmul`'s; on CPU over the -Paddle layout ([in,
     out]), which it reads 1.3x as fast as [out, in]: the pass runs over transposed copies made here (the
     weights' bytes again, freed after). The fastest of `repeat` passes. None for Paddle's when the
     weights are held in another dtype than the computation's (Paddle has no CPU matmul of float32 by

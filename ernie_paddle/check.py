@@ -1,9 +1,10 @@
 """The logit checker: ErniePredictor (the candidate) against a reference, prompt by prompt.
 
-The reference is transformers' `Ernie4_5ForCausalLM` (`Ernie4_5_MoeForCausalLM` for MoE models) in float32 on CPU, or ErniePredictor itself on CPU in
-float32 (to check a device or a dtype). Both sides see the same token ids; the metrics compare their
-probability distributions at the next token after each prompt and at every prompt position, and the tokens
-they generate greedily. `compare()` and the metric functions are the library; `run_check()` is the CLI.
+The reference is transformers' `Ernie4_5ForCausalLM` (`Ernie4_5_MoeForCausalLM` for MoE models) in
+float32 on CPU, or ErniePredictor itself on CPU in float32 (to check a device or a dtype). Both sides
+see the same token ids; the metrics compare their probability distributions at the next token after
+each prompt and at every prompt position, and the tokens they generate greedily. `compare()` and the
+metric functions are the library; `run_check()` is the CLI.
 """
 
 from __future__ import annotations

@@ -31,17 +31,13 @@ PT_ONLY_KEYS = ("torch_dtype", "dtype", "rope_parameters", "transformers_version
 # MoE keys of the published ERNIE 4.5 MoE configs (21B-A3B, 300B-A47B, -Paddle and -PT) and what the model
 # does with each. Honoured: MoeSettings below. Accepted with one value only: the ones transformers'
 # Ernie4_5_MoeForCausalLM implements; another value is refused, since it would compute something else.
+# The rest are read by training only (moe_capacity, the aux / z / orthogonal loss weights,
+# multi_token_pred_lambda, ...) or describe the multi-token-prediction layers (num_nextn_predict_layers),
+# whose tensors the loader skips: nothing in inference depends on them.
 MOE_FIXED_VALUES = {
     "moe_gate": ("topk",), "moe_gate_act": ("softmax",), "moe_use_aux_free": (True,),
-    "moe_norm_gate_logits": (True,), "use_rmsnorm": (True,), "use_bias": (False,), "rope_scaling": (None,),
+    "moe_norm_gate_logits": (True,), "use_rmsnorm": (True,), "rope_scaling": (None,),
 }
-# Read by training or by other engines only; nothing in inference depends on them.
-MOE_TRAINING_KEYS = ("moe_capacity", "moe_aux_loss_lambda", "moe_z_loss_lambda", "moe_orthogonal_loss_lambda",
-                     "moe_group_orthogonal_loss", "router_aux_loss_coef", "output_router_logits", "moe_group",
-                     "moe_dropout_prob", "moe_multimodal_dispatch_use_allgather", "moe_use_hard_gate",
-                     "multi_token_pred_lambda", "global_aux_loss", "use_recompute")
-# Multi-token-prediction layers: used for speculative decoding by engines; their tensors are skipped.
-MTP_KEYS = ("num_nextn_predict_layers", "num_mtp_layers")
 
 
 @dataclass(frozen=True)

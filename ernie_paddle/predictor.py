@@ -83,9 +83,7 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, progress: bool = Tru
 
 
 def _fill(param, expert: int | None, ckpt: Checkpoint, group: mapping.Group, layout: str):
-    """Write one parameter (or one expert's matrix of a stacked one) from its checkpoint tensors. The
-    model holds a Linear weight [out, in], as the -PT tensors are (a fused one as its -PT parts
-    stacked), and -Paddle ones [in, out]: those are transposed block by block as they are read. A CPU
+    """Write one parameter (or one expert's matrix of a stacked one) from its checkpoint tensors. A CPU
     parameter is written in place through a numpy view of its memory, so loading never holds a second
     whole copy of a tensor: peak memory stays close to the weights themselves."""
     if isinstance(param, Packed):
@@ -98,14 +96,7 @@ def _fill(param, expert: int | None, ckpt: Checkpoint, group: mapping.Group, lay
         held = held[expert] if expert is not None else held
     else:
         held = np.empty(shape, DTYPES[CODES[dtype]][1])
-    if layout == "paddle":
-        _read_blocks(ckpt, group.paddle, held, dtype, transpose=group.how != mapping.COPY)
-    else:
-        row = 0
-        for name in group.pt:
-            rows = ckpt.tensors[name].shape[0]
-            _read_blocks(ckpt, name, held[row:row + rows], dtype)
-            row += rows
+    _read_group(ckpt, group, layout, held, dtype)
     if not on_cpu:  # Paddle takes uint16 numpy arrays as bf16 bits
         if expert is None:
             param.set_value(held)
@@ -115,31 +106,33 @@ def _fill(param, expert: int | None, ckpt: Checkpoint, group: mapping.Group, lay
 
 
 def _fill_packed(packed: Packed, expert: int | None, ckpt: Checkpoint, group: mapping.Group, layout: str):
-    """Quantize one matrix (or one expert's) as it loads: its checkpoint tensors are read whole (bf16 as
-    stored, other dtypes as float32) into one [out, in] matrix (a fused one's -PT parts stacked: the
-    packed layout interleaves rows across parts), which is packed into the model's integers and scales.
-    Loading holds the quantized model and one tensor at a time."""
+    """Quantize one matrix (or one expert's) as it loads: read whole (bf16 as stored, other dtypes as
+    float32) into one [out, in] matrix, a fused one's -PT parts stacked (the packed layout interleaves
+    rows across parts), then packed into the model's integers and scales. Loading holds the quantized
+    model and one tensor at a time."""
     data, scales = _host_view(packed.data), _host_view(packed.scales)
     if expert is not None:
         data, scales = data[expert], scales[expert]
     names = [group.paddle] if layout == "paddle" else list(group.pt)
     dtype = "bfloat16" if all(ckpt.dtype(n) == "bfloat16" for n in names) else "float32"
-    if layout == "paddle":
-        matrix = np.empty(ckpt.tensors[group.paddle].shape, DTYPES[CODES[dtype]][1])
-        _read_blocks(ckpt, group.paddle, matrix, dtype)
-        if group.how != mapping.COPY:  # [in, out] -> [out, in]: the quantizer reads rows 10x as fast
-            rows = np.empty(matrix.shape[::-1], matrix.dtype)
-            cpu_ops.copy_transposed(matrix, rows)
-            matrix = rows
-    else:
-        matrix = np.empty((packed.shape[-2], packed.k), DTYPES[CODES[dtype]][1])
-        row = 0
-        for name in names:
-            rows = ckpt.tensors[name].shape[0]
-            _read_blocks(ckpt, name, matrix[row:row + rows], dtype)
-            row += rows
+    matrix = np.empty(packed.shape[-2:], DTYPES[CODES[dtype]][1])
+    _read_group(ckpt, group, layout, matrix, dtype)
     quantized = quant.quantize(matrix, packed.format)
     data[...], scales[...] = quantized.data, quantized.scales
+
+
+def _read_group(ckpt: Checkpoint, group: mapping.Group, layout: str, out: np.ndarray, dtype: str):
+    """A group's checkpoint tensors into `out` as the model holds the weight: a Linear weight [out, in],
+    as the -PT tensors are (a fused one as its -PT parts stacked), where -Paddle ones are [in, out] and
+    transposed block by block as they are read."""
+    if layout == "paddle":
+        _read_blocks(ckpt, group.paddle, out, dtype, transpose=group.how != mapping.COPY)
+        return
+    row = 0
+    for name in group.pt:
+        rows = ckpt.tensors[name].shape[0]
+        _read_blocks(ckpt, name, out[row:row + rows], dtype)
+        row += rows
 
 
 def _host_view(param) -> np.ndarray:
