@@ -317,3 +317,36 @@ def test_attention_refuses_a_cache_it_cannot_write_in_place():
     with pytest.raises(Exception, match="contiguous"):
         cpu_ops.attention(paddle.zeros([1, 1, 6 * 32]), paddle.ones([1, 1, 32]), paddle.zeros([1, 1, 32]),
                           keys, cache, paddle.zeros([1, 1, 8]), 0, 2, 1.0)
+
+
+@needs_ops
+@pytest.mark.parametrize("head_dim", [16, 12])  # the head-block path and attend_any
+def test_attention_gives_the_same_bits_wherever_a_rows_keys_sit(head_dim):
+    """A row's keys after `offset` masked cache positions holding other data (left padding, a serving
+    slot) give the bits they give at position 0. The softmax adds its terms into lanes by cache
+    position, which an offset rotates, and then the lanes as a tree of halves, which a rotation
+    leaves as it is; a sequential sum of the lanes would break this."""
+    heads, kv, n = 4, 2, 29
+    rng = np.random.default_rng(0)
+    qkv = rng.normal(0, 3, [n, (heads + 2 * kv) * head_dim]).astype(np.float32)
+    angles = rng.uniform(-3, 3, [n, head_dim]).astype(np.float32)
+
+    def attend(offset):
+        length = offset + n
+        keys = paddle.to_tensor(rng.normal(0, 3, [1, kv, length, head_dim]).astype(np.float32))
+        values = paddle.to_tensor(rng.normal(0, 3, [1, kv, length, head_dim]).astype(np.float32))
+        # The stale prefix, written as keys: one "prompt" of `offset` junk tokens first.
+        if offset:
+            junk = paddle.to_tensor(rng.normal(0, 3, [1, offset, qkv.shape[1]]).astype(np.float32))
+            cpu_ops.attention(junk, paddle.ones([1, offset, head_dim]), paddle.zeros([1, offset, head_dim]),
+                              keys, values, paddle.zeros([1, offset, offset]), 0, heads, 0.3)
+        visible = np.arange(length)[None, :] >= offset
+        causal = np.arange(length)[None, :] <= np.arange(offset, length)[:, None]
+        mask = np.where(visible & causal, 0, -1e30).astype(np.float32)[None]
+        return cpu_ops.attention(paddle.to_tensor(qkv[None]), paddle.to_tensor(np.cos(angles)[None]),
+                                 paddle.to_tensor(np.sin(angles)[None]), keys, values, paddle.to_tensor(mask),
+                                 offset, heads, 0.01).numpy()  # near-uniform weights: many terms count
+
+    alone = attend(0)
+    for offset in range(1, 18):
+        np.testing.assert_array_equal(attend(offset), alone, err_msg=f"keys at offset {offset}")

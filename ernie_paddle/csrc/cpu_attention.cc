@@ -24,7 +24,9 @@ void rope(const float* x, const float* cos, const float* sin, float* out, int64_
 }
 
 // softmax(p[0..last]) in place, a vector at a time (p has room for a whole last vector). A row with
-// every key at -inf (no key to attend to) becomes zeros, not NaN.
+// every key at -inf (no key to attend to) becomes zeros, not NaN. The total's lanes are added as sum()
+// does, a tree of halves: a row's keys give the same bits at any offset in the cache (which rotates the
+// lanes), after left padding or in a serving slot.
 void softmax(float* p, int64_t last) {
   const int64_t n = last + 1, whole = n / kLanes * kLanes;
   Vec top_lanes = Vec{} - INFINITY;
