@@ -34,7 +34,7 @@ from .device import cpu_threads, import_paddle
 LIBRARY = "ernie_cpu_ops"
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "cpu_matmul.cc", CSRC / "cpu_moe.cc", CSRC / "cpu_attention.cc", CSRC / "cpu_swiglu.cc",
-           CSRC / "cpu_rms_norm.cc", CSRC / "cpu_transpose.cc", CSRC / "cpu_quant.cc"]
+           CSRC / "cpu_rms_norm.cc", CSRC / "cpu_transpose.cc", CSRC / "cpu_quant.cc", CSRC / "cpu_decoder.cc"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-w"]
 MAX_ROWS = 32  # above this (prefill), MKL's blocked GEMM is compute-bound and faster
 
@@ -114,6 +114,29 @@ def attention(qkv, cos, sin, keys, values, mask, start: int, heads: int, scale: 
         raise ValueError("cpu_ops.attention: the KV cache must be contiguous tensors, not views")
     return _run_custom_op("ernie_cpu_attention", qkv, cos, sin, keys, values, mask, start, heads, scale,
                           cpu_threads())[0]
+
+
+def decoder_layer(x, input_norm, qkv, o, cos, sin, keys, values, mask, start: int, heads: int, scale: float,
+                  eps: float, mlp: tuple | None = None):
+    """A decoder layer in one operator (csrc/cpu_decoder.cc): x + the attention over the KV cache (written in
+    place, as `attention` does), then, given mlp = (post_norm, up_gate, down), + the MLP. Weight matrices
+    are float32 / bfloat16 tensors or packed ones (with `data` and `scales`). After `available()`."""
+    if not (keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError("cpu_ops.decoder_layer: the KV cache must be contiguous tensors, not views")
+    post_norm, up_gate, down = mlp or (_empty(), _empty(), _empty())
+    return _run_custom_op("ernie_cpu_decoder_layer", x, input_norm, *_matrix(qkv), *_matrix(o), cos, sin, keys, values,
+                          mask, post_norm, *_matrix(up_gate), *_matrix(down), start, heads, scale, eps,
+                          cpu_threads())[0]
+
+
+def _matrix(w) -> tuple:
+    """A weight matrix as the operators take it: packed (data, scales), or (w, an empty tensor)."""
+    return (w.data, w.scales) if hasattr(w, "scales") else (w, _empty())
+
+
+@functools.lru_cache(maxsize=None)
+def _empty():
+    return import_paddle().empty([0], "float32")
 
 
 def copy_transposed(src: np.ndarray, dst: np.ndarray) -> bool:

@@ -279,8 +279,8 @@ def test_fused_attention_matches_the_plain_path(tmp_path, monkeypatch, heads, kv
     model = ErniePredictor.from_pretrained(tmp_path, device="cpu", progress=False).model
     prompts = [[5, 6, 7, 8, 9] * 8, [11, 12], [13, 14, 15]]
     calls = []
-    real = cpu_ops.attention
-    monkeypatch.setattr(cpu_ops, "attention", lambda *a: calls.append(1) or real(*a))
+    for name in ("attention", "decoder_layer"):  # the prompt's layers and the steps' (cpu_decoder.cc)
+        monkeypatch.setattr(cpu_ops, name, lambda *a, real=getattr(cpu_ops, name): calls.append(1) or real(*a))
     fused, fused_keys = decode_logits(model, prompts, 6)
     assert len(calls) == 7 * model.config.num_hidden_layers  # the prompt and 6 steps
     monkeypatch.setattr(model_module, "attention_on_cpu", lambda *a: False)
@@ -350,3 +350,37 @@ def test_attention_gives_the_same_bits_wherever_a_rows_keys_sit(head_dim):
     alone = attend(0)
     for offset in range(1, 18):
         np.testing.assert_array_equal(attend(offset), alone, err_msg=f"keys at offset {offset}")
+
+
+@needs_ops
+@pytest.mark.parametrize("moe,dtype,quantization", [(False, "float32", None), (False, "bfloat16", None),
+                                                    (False, "float32", "wint8"), (False, "bfloat16", "wint4"),
+                                                    (True, "float32", None), (True, "float32", "wint4")])
+def test_a_layer_in_one_operator_gives_the_bits_of_its_operators_one_by_one(tmp_path, monkeypatch, moe, dtype,
+                                                                            quantization):
+    """Decoding runs each layer as one operator (cpu_ops.decoder_layer); the same kernels called one
+    by one give the same logits and cache, bit for bit: for each weight format, dense and MoE layers
+    (whose experts follow as separate operators), prompts short enough to go through it (24 rows) and
+    one too long (prefilled by the sublayers, then decoded by it)."""
+    from conftest import save_tiny_moe_pt, save_tiny_pt
+    from ernie_paddle import ErniePredictor, model as model_module
+    if moe:
+        save_tiny_moe_pt(tmp_path, moe_layer_start_index=0, moe_layer_interval=2, num_hidden_layers=3)
+    else:
+        save_tiny_pt(tmp_path, dtype=dtype, num_hidden_layers=3)
+    model = ErniePredictor.from_pretrained(tmp_path, device="cpu", quantization=quantization, progress=False).model
+    calls = []
+    real = cpu_ops.decoder_layer
+    monkeypatch.setattr(cpu_ops, "decoder_layer", lambda *a: calls.append(1) or real(*a))
+    for prompts in ([[5, 6, 7, 8, 9, 10, 11, 12], [11, 12], [13, 14, 15]], [[5, 6, 7, 8, 9] * 8, [11, 12]]):
+        calls.clear()
+        fused, fused_keys = decode_logits(model, prompts, 5)
+        short = len(prompts[0]) * len(prompts) <= cpu_ops.MAX_ROWS
+        assert len(calls) == (6 if short else 5) * 3
+        with monkeypatch.context() as m:
+            m.setattr(model_module, "layer_on_cpu", lambda *a: False)
+            separate, separate_keys = decode_logits(model, prompts, 5)
+        assert len(calls) == (6 if short else 5) * 3
+        np.testing.assert_array_equal(fused, separate)
+        for a, b in zip(fused_keys, separate_keys):
+            np.testing.assert_array_equal(a, b)

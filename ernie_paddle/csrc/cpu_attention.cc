@@ -9,6 +9,7 @@
 
 #include "paddle/extension.h"
 #include "dot.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace {
@@ -114,6 +115,8 @@ void attend_any(const float* q, const float* k_rows, const float* v_rows, const 
   }
 }
 
+}  // namespace
+
 // Attention of T new tokens per row (a prompt, or one decoding step) over the KV cache: RoPE on the
 // new queries and keys, the new keys and values written into the cache at start..start+T-1, then for
 // the query at start+t, softmax(q k^T * scale + mask) v over cache positions 0..start+t: causal, the
@@ -124,30 +127,11 @@ void attend_any(const float* q, const float* k_rows, const float* v_rows, const 
 //   keys, values [B, KV, L, D]: the cache, written in place
 //   mask [B, T, S] additive, S >= start + T: key j of the query at start + t is masked by mask[b, t, j]
 //   returns [B, T, H * D]
-std::vector<paddle::Tensor> CpuAttention(const paddle::Tensor& qkv_in, const paddle::Tensor& cos_in,
-                                         const paddle::Tensor& sin_in, paddle::Tensor& keys, paddle::Tensor& values,
-                                         const paddle::Tensor& mask_in, int start, int heads, float scale,
-                                         int threads) {
-  const std::initializer_list<const paddle::Tensor*> all = {&qkv_in, &cos_in, &sin_in, &mask_in, &keys, &values};
-  for (const paddle::Tensor* t : all)
-    PD_CHECK(t->is_cpu() && t->dtype() == paddle::DataType::FLOAT32, "ernie_cpu_attention: float32 CPU tensors only");
-  PD_CHECK(keys.shape() == values.shape() && keys.shape().size() == 4,
-           "ernie_cpu_attention: the cache must be two [B, KV, L, D] tensors");
-  const paddle::Tensor qkv = qkv_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous(),
-                       mask = mask_in.contiguous();
-  const std::vector<int64_t> cs = keys.shape();
-  const int64_t B = cs[0], KV = cs[1], L = cs[2], D = cs[3], H = heads;
-  PD_CHECK(KV > 0 && H % KV == 0, "ernie_cpu_attention: heads must be a multiple of the cache's kv heads");
-  const int64_t G = H / KV;
+void ernie::attention(const float* x, const float* c, const float* s, float* k_cache, float* v_cache, const float* m,
+                      const AttentionShape& shape, int64_t start, float scale, float* y, int threads) {
+  const int64_t B = shape.B, T = shape.T, H = shape.H, KV = shape.KV, D = shape.D, L = shape.L, S = shape.S;
+  const int64_t G = H / KV, row = (H + 2 * KV) * D;
   threads = std::max(1, threads);
-  const int64_t T = B == 0 ? 0 : qkv.numel() / (B * (H + 2 * KV) * D), S = mask.shape().back();
-  PD_CHECK(qkv.numel() == B * T * (H + 2 * KV) * D && mask.numel() == B * T * S && start >= 0 &&
-               start + T <= L && start + T <= S && cos.numel() == B * T * D && sin.numel() == B * T * D,
-           "ernie_cpu_attention: shapes do not match the cache");
-  paddle::Tensor out = paddle::empty({B, T, H * D}, paddle::DataType::FLOAT32, qkv.place());
-  const float *x = qkv.data<float>(), *c = cos.data<float>(), *s = sin.data<float>(), *m = mask.data<float>();
-  float *k_cache = keys.data<float>(), *v_cache = values.data<float>(), *y = out.data<float>();
-  const int64_t row = (H + 2 * KV) * D;
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
@@ -191,6 +175,37 @@ std::vector<paddle::Tensor> CpuAttention(const paddle::Tensor& qkv_in, const pad
       }
     }
   }
+}
+
+ernie::AttentionShape ernie::attention_shape(const paddle::Tensor& qkv, const paddle::Tensor& cos,
+                                             const paddle::Tensor& sin, const paddle::Tensor& keys,
+                                             const paddle::Tensor& values, const paddle::Tensor& mask, int64_t start,
+                                             int64_t heads, const char* op) {
+  for (const paddle::Tensor* t : {&qkv, &cos, &sin, &mask, &keys, &values})
+    PD_CHECK(t->is_cpu() && t->dtype() == paddle::DataType::FLOAT32, op, ": float32 CPU tensors only");
+  PD_CHECK(keys.shape() == values.shape() && keys.shape().size() == 4, op, ": the cache must be two [B, KV, L, D] tensors");
+  const std::vector<int64_t> cs = keys.shape();
+  const int64_t B = cs[0], KV = cs[1], L = cs[2], D = cs[3], H = heads;
+  PD_CHECK(KV > 0 && H % KV == 0, op, ": heads must be a multiple of the cache's kv heads");
+  const int64_t T = B == 0 ? 0 : qkv.numel() / (B * (H + 2 * KV) * D), S = mask.shape().back();
+  PD_CHECK(qkv.numel() == B * T * (H + 2 * KV) * D && mask.numel() == B * T * S && start >= 0 && start + T <= L &&
+               start + T <= S && cos.numel() == B * T * D && sin.numel() == B * T * D,
+           op, ": shapes do not match the cache");
+  return {B, T, H, KV, D, L, S};
+}
+
+namespace {
+
+std::vector<paddle::Tensor> CpuAttention(const paddle::Tensor& qkv_in, const paddle::Tensor& cos_in,
+                                         const paddle::Tensor& sin_in, paddle::Tensor& keys, paddle::Tensor& values,
+                                         const paddle::Tensor& mask_in, int start, int heads, float scale,
+                                         int threads) {
+  const paddle::Tensor qkv = qkv_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous(),
+                       mask = mask_in.contiguous();
+  const AttentionShape shape = attention_shape(qkv, cos, sin, keys, values, mask, start, heads, "ernie_cpu_attention");
+  paddle::Tensor out = paddle::empty({shape.B, shape.T, shape.H * shape.D}, paddle::DataType::FLOAT32, qkv.place());
+  attention(qkv.data<float>(), cos.data<float>(), sin.data<float>(), keys.data<float>(), values.data<float>(),
+            mask.data<float>(), shape, start, scale, out.data<float>(), threads);
   return {out};
 }
 

@@ -18,6 +18,7 @@
 
 #include "paddle/extension.h"
 #include "dot.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace {
@@ -41,6 +42,32 @@ void matmul_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int
     for (; n < n1; ++n) dot_rows<1>(x, w + n * K, y + n, M, K, N, n + 2 <= N);
   }
 }
+
+}  // namespace
+
+ernie::Matrix ernie::matrix_of(const paddle::Tensor& data, const paddle::Tensor& scales, int64_t K, const char* op) {
+  PD_CHECK(data.is_cpu() && data.is_contiguous(), op, ": weight matrices must be contiguous CPU tensors");
+  if (scales.numel() > 0) {
+    const QuantMatrix packed = packed_matrix(data, scales, op);
+    PD_CHECK((K + packed.group - 1) / packed.group * packed.group == packed.Kp, op, ": a packed matrix's rows do not hold ",
+             K, " values");
+    return {Matrix::kPacked, data.data(), packed, packed.N, K};
+  }
+  const bool bf16 = data.dtype() == paddle::DataType::BFLOAT16;
+  PD_CHECK(bf16 || data.dtype() == paddle::DataType::FLOAT32, op, ": weight matrices must be float32, bfloat16 or packed");
+  PD_CHECK(data.shape().size() == 2 && data.shape()[1] == K, op, ": a weight matrix is not [N, ", K, "]");
+  return {bf16 ? Matrix::kBfloat16 : Matrix::kFloat32, data.data(), {}, data.shape()[0], K};
+}
+
+void ernie::project(const float* x, int64_t M, const Matrix& w, float* y, int threads) {
+  switch (w.kind) {
+    case Matrix::kFloat32: matmul_rows(x, static_cast<const float*>(w.data), y, M, w.K, w.N, threads); break;
+    case Matrix::kBfloat16: matmul_rows(x, static_cast<const uint16_t*>(w.data), y, M, w.K, w.N, threads); break;
+    case Matrix::kPacked: quant_matmul(x, M, w.K, w.packed, y, threads); break;
+  }
+}
+
+namespace {
 
 std::vector<paddle::Tensor> CpuMatmul(const paddle::Tensor& x_in, const paddle::Tensor& w_in, int threads) {
   PD_CHECK(x_in.is_cpu() && w_in.is_cpu(), "ernie_cpu_matmul: tensors must be on the CPU");

@@ -20,15 +20,14 @@
 #include <vector>
 
 #include "paddle/extension.h"
+#include "kernels.h"
 #include "quant.h"
 #include "vec.h"
-
-namespace {
 
 using namespace ernie;
 
 // The packed matrix the tensors hold, its K padded to Kp.
-QuantMatrix packed_matrix(const paddle::Tensor& data, const paddle::Tensor& scales, const char* op) {
+QuantMatrix ernie::packed_matrix(const paddle::Tensor& data, const paddle::Tensor& scales, const char* op) {
   const bool wint8 = data.dtype() == paddle::DataType::INT8;
   PD_CHECK(data.is_cpu() && scales.is_cpu() && (wint8 || data.dtype() == paddle::DataType::UINT8) &&
                scales.dtype() == paddle::DataType::FLOAT16, op,
@@ -42,6 +41,22 @@ QuantMatrix packed_matrix(const paddle::Tensor& data, const paddle::Tensor& scal
   return {static_cast<const uint8_t*>(data.data()), static_cast<const uint16_t*>(scales.data()), N, Kp, Kp / groups,
           wint8 ? 8 : 4};
 }
+
+void ernie::quant_matmul(const float* x, int64_t M, int64_t K, const QuantMatrix& w, float* y, int threads) {
+  std::vector<int8_t> q(M * w.Kp);
+  std::vector<float> d(M * w.Kp / kQuantBlock);
+  std::vector<int32_t> sums8(M * w.Kp / kQuantBlock);
+  QuantRows rows{q.data(), d.data(), sums8.data(), M, w.Kp};
+  prepare_rows(x, K, &rows);
+#pragma omp parallel num_threads(std::max(1, threads))
+  {
+    int64_t n0, n1;
+    share(w.N, omp_get_thread_num(), omp_get_num_threads(), kQuantRowGroup, &n0, &n1);
+    quant_matmul_range(rows, w, y, w.N, n0, n1);
+  }
+}
+
+namespace {
 
 void check_k(const QuantMatrix& w, int64_t K, const char* op) {
   PD_CHECK(K > 0 && (K + w.group - 1) / w.group * w.group == w.Kp, op, ": K = ", K,
@@ -58,18 +73,7 @@ std::vector<paddle::Tensor> QuantMatmul(const paddle::Tensor& x_in, const paddle
   check_k(w, K, "ernie_quant_matmul");
   shape.back() = w.N;
   paddle::Tensor y = paddle::empty(shape, paddle::DataType::FLOAT32, x.place());
-  std::vector<int8_t> q(M * w.Kp);
-  std::vector<float> d(M * w.Kp / kQuantBlock);
-  std::vector<int32_t> sums8(M * w.Kp / kQuantBlock);
-  QuantRows rows{q.data(), d.data(), sums8.data(), M, w.Kp};
-  prepare_rows(x.data<float>(), K, &rows);
-  float* out = y.data<float>();
-#pragma omp parallel num_threads(std::max(1, threads))
-  {
-    int64_t n0, n1;
-    share(w.N, omp_get_thread_num(), omp_get_num_threads(), kQuantRowGroup, &n0, &n1);
-    quant_matmul_range(rows, w, out, w.N, n0, n1);
-  }
+  quant_matmul(x.data<float>(), M, K, w, y.data<float>(), threads);
   return {y};
 }
 

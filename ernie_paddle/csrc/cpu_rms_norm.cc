@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "paddle/extension.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace {
@@ -34,6 +35,16 @@ void NormRow(const float* x, const float* w, float* y, int64_t H, float eps) {
   for (int64_t i = whole; i < H; ++i) y[i] = w[i] * (x[i] * s);
 }
 
+}  // namespace
+
+void ernie::rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t H, float eps, int threads) {
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, M * H / kPerThread)));
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < M; ++r) NormRow(x + r * H, w, y + r * H, H, eps);
+}
+
+namespace {
+
 std::vector<paddle::Tensor> RmsNorm(const paddle::Tensor& x_in, const paddle::Tensor& w_in, float eps, int threads) {
   PD_CHECK(x_in.is_cpu() && x_in.dtype() == paddle::DataType::FLOAT32 && w_in.is_cpu() &&
                w_in.dtype() == paddle::DataType::FLOAT32,
@@ -43,11 +54,7 @@ std::vector<paddle::Tensor> RmsNorm(const paddle::Tensor& x_in, const paddle::Te
   PD_CHECK(!x.shape().empty() && w.numel() == x.shape().back(), "ernie_rms_norm: the weight must have x's last size");
   const int64_t H = x.shape().back(), rows = H == 0 ? 0 : x.numel() / H;
   paddle::Tensor out = paddle::empty(x.shape(), paddle::DataType::FLOAT32, x.place());
-  const float *in = x.data<float>(), *weight = w.data<float>();
-  float* y = out.data<float>();
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows * H / kPerThread)));
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) NormRow(in + r * H, weight, y + r * H, H, eps);
+  rms_norm(x.data<float>(), w.data<float>(), out.data<float>(), rows, H, eps, threads);
   return {out};
 }
 

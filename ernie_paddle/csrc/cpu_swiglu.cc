@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "paddle/extension.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace {
@@ -19,20 +20,14 @@ constexpr int64_t kPerThread = 16384;  // outputs below which a second thread co
 
 inline Vec silu_times(Vec g, Vec u) { return g / (1.f + exp(-g)) * u; }
 
-std::vector<paddle::Tensor> Swiglu(const paddle::Tensor& x_in, int threads) {
-  PD_CHECK(x_in.is_cpu() && x_in.dtype() == paddle::DataType::FLOAT32, "ernie_swiglu: a float32 CPU tensor expected");
-  const paddle::Tensor x = x_in.is_contiguous() ? x_in : x_in.contiguous();
-  std::vector<int64_t> shape = x.shape();
-  PD_CHECK(!shape.empty() && shape.back() % 2 == 0, "ernie_swiglu: the last axis must have an even size");
-  const int64_t I = shape.back() / 2, rows = I == 0 ? 0 : x.numel() / (2 * I), whole = I / kLanes * kLanes;
-  shape.back() = I;
-  paddle::Tensor out = paddle::empty(shape, paddle::DataType::FLOAT32, x.place());
-  const float* in = x.data<float>();
-  float* y = out.data<float>();
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows * I / kPerThread)));
+}  // namespace
+
+void ernie::swiglu(const float* x, float* y, int64_t M, int64_t I, int threads) {
+  const int64_t whole = I / kLanes * kLanes;
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, M * I / kPerThread)));
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *gate = in + r * 2 * I, *up = gate + I;
+  for (int64_t r = 0; r < M; ++r) {
+    const float *gate = x + r * 2 * I, *up = gate + I;
     float* yr = y + r * I;
     for (int64_t i = 0; i < whole; i += kLanes) store(yr + i, silu_times(load(gate + i), load(up + i)));
     if (whole < I) {  // the tail through a zero-padded vector: every value gets the same arithmetic
@@ -43,6 +38,19 @@ std::vector<paddle::Tensor> Swiglu(const paddle::Tensor& x_in, int threads) {
       std::memcpy(yr + whole, &tail, (I - whole) * sizeof(float));
     }
   }
+}
+
+namespace {
+
+std::vector<paddle::Tensor> Swiglu(const paddle::Tensor& x_in, int threads) {
+  PD_CHECK(x_in.is_cpu() && x_in.dtype() == paddle::DataType::FLOAT32, "ernie_swiglu: a float32 CPU tensor expected");
+  const paddle::Tensor x = x_in.is_contiguous() ? x_in : x_in.contiguous();
+  std::vector<int64_t> shape = x.shape();
+  PD_CHECK(!shape.empty() && shape.back() % 2 == 0, "ernie_swiglu: the last axis must have an even size");
+  const int64_t I = shape.back() / 2, rows = I == 0 ? 0 : x.numel() / (2 * I);
+  shape.back() = I;
+  paddle::Tensor out = paddle::empty(shape, paddle::DataType::FLOAT32, x.place());
+  swiglu(x.data<float>(), out.data<float>(), rows, I, threads);
   return {out};
 }
 
