@@ -5,13 +5,13 @@ ERNIE-4.5-0.3B architecture with random weights, batch 1, alternating rounds.
     python tools/bench_vs_llamacpp.py [--checkpoint DIR] [--rounds 3] [--new-tokens 128] [--threads 2]
                                       [--json OUT]
     python tools/bench_vs_llamacpp.py --kl [--checkpoint DIR] [--kl-context 32] [--kl-initializer 0.15 0.05]
-                                      [--json OUT]
+                                      [--kl-text FILE] [--json OUT]
 
 --kl compares the quantization error instead: llama.cpp's own figures from llama-perplexity
 (--kl-divergence-base on the F32 GGUF, then --kl-divergence on Q8_0 and Q4_0) against ErniePredictor's
 wint8 and wint4 against its float32 run, the KL computed by ernie_paddle.check, over the same
 positions of the same tokens: those llama-perplexity stored in its base file (the text of check's 8
-prompts, in chunks of --kl-context tokens, each scored on its second half). Without --checkpoint it runs
+prompts, or --kl-text, in chunks of --kl-context tokens, each scored on its second half). Without --checkpoint it runs
 on the tiny demo model and on random 0.3B models with spread-out weights (--kl-initializer 0.15 0.05).
 
 llama.cpp is built once for this machine from the llama-cpp-python sdist on PyPI (its vendor/llama.cpp,
@@ -215,7 +215,8 @@ def adds_bos(source: Path, gguf: Path) -> int | None:
     return int(reader.get_field("tokenizer.ggml.bos_token_id").contents()) if add.contents() else None
 
 
-def kl_model(checkpoint: Path, source: Path, binaries: Path, root: Path, threads: int, context: int) -> dict:
+def kl_model(checkpoint: Path, source: Path, binaries: Path, root: Path, threads: int, context: int,
+             text: Path | None = None) -> dict:
     """One model's KL table: llama.cpp's Q8_0 / Q4_0 and ernie-paddle's wint8 / wint4, each against its own
     float32, on the tokens and positions of llama-perplexity's base file."""
     from ernie_paddle import ErniePredictor
@@ -224,8 +225,10 @@ def kl_model(checkpoint: Path, source: Path, binaries: Path, root: Path, threads
     out = root / "gguf" / checkpoint.resolve().name
     out.mkdir(parents=True, exist_ok=True)
     files = ggufs(checkpoint, source, binaries, out, converted="F32")
-    text, base = out / "check-prompts.txt", out / f"kl-base-c{context}.bin"
-    text.write_text("\n".join(DEFAULT_PROMPTS) + "\n", encoding="utf-8")
+    if text is None:
+        text = out / "check-prompts.txt"
+        text.write_text("\n".join(DEFAULT_PROMPTS) + "\n", encoding="utf-8")
+    base = out / f"kl-base-{text.stem}-c{context}.bin"
     print(f"llama-perplexity on {checkpoint.name} ...", file=sys.stderr)
     llama_perplexity(binaries, files["F32"], base, threads, text, context)
     theirs = {kind: llama_perplexity(binaries, files[kind], base, threads) for kind in ("Q8_0", "Q4_0")}
@@ -260,9 +263,11 @@ def run_kl(args, root: Path, source: Path, binaries: Path) -> int:
             if not (checkpoint / "config.json").exists():
                 write_checkpoint(checkpoint, spread)
             models[f"0.3B architecture, random weights (initializer_range {spread:g})"] = checkpoint
-    results = {name: kl_model(path, source, binaries, root, args.threads, args.kl_context)
+    text = Path(args.kl_text).resolve() if args.kl_text else None
+    results = {name: kl_model(path, source, binaries, root, args.threads, args.kl_context, text)
                for name, path in models.items()}
-    print(f"KL(float32 ‖ quantized) in nats, mean over llama-perplexity's scored positions of check's 8 prompts "
+    described = args.kl_text or "ernie-paddle check's 8 prompts"
+    print(f"KL(float32 ‖ quantized) in nats, mean over llama-perplexity's scored positions of {described} "
           f"(-c {args.kl_context}); top-1: positions whose most likely token agrees with float32's\n")
     print("| model | weights (llama.cpp / ernie-paddle) | positions | llama.cpp KL | ernie-paddle KL "
           "| llama.cpp top-1 | ernie-paddle top-1 |")
@@ -277,7 +282,7 @@ def run_kl(args, root: Path, source: Path, binaries: Path) -> int:
               f"| {aligned['top1']:.1%} |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(tool="kl_vs_llamacpp", llama_cpp_python=LLAMA_CPP_PYTHON,
-                                                   threads=args.threads, models=results), indent=1))
+                                                   threads=args.threads, text=described, models=results), indent=1))
     return 0
 
 
@@ -290,6 +295,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write every round's figures here")
     parser.add_argument("--kl", action="store_true", help="compare the KL to float32 at the same bits instead")
     parser.add_argument("--kl-context", type=int, default=KL_CONTEXT, help="llama-perplexity's -c for --kl")
+    parser.add_argument("--kl-text", default=None, help="--kl over this text file (default: check's 8 prompts)")
     parser.add_argument("--kl-initializer", type=float, nargs="+", default=SPREAD_INITIALIZERS,
                         help="--kl without --checkpoint: the random 0.3B models' initializer_range")
     args = parser.parse_args(argv)

@@ -227,7 +227,7 @@ def kl_vs_llamacpp_table(data: dict, view: str) -> list[str]:
     return table(["model", "weights (llama.cpp / ernie-paddle)", "positions", "llama.cpp KL", "ernie-paddle KL",
                   "ratio", "llama.cpp top-1", "ernie-paddle top-1"], rows) + [
         "", f"Mean KL(float32 ‖ quantized) in nats and top-1 agreement with float32, each system against its own "
-            f"float32 run, over the positions llama-perplexity scores in the text of `ernie-paddle check`'s 8 prompts "
+            f"float32 run, over the positions llama-perplexity scores in the text of {data['text']} "
             f"(-c {context}: each chunk's second half), on the tokens it evaluated (llama-cpp-python "
             f"{data['llama_cpp_python']}'s llama.cpp, KV cache in float32). Both float32 runs on those positions, "
             f"against each other: {aligned}."]
