@@ -150,7 +150,7 @@ def llama_perplexity(binaries: Path, gguf: Path, base: Path, threads: int, text:
     command += ["-f", str(text)] if text else ["--kl-divergence"]
     out = subprocess.run(command, capture_output=True, text=True)
     log = out.stdout + out.stderr
-    if out.returncode != 0 or (not text and "Mean    KLD:" not in log):
+    if out.returncode != 0 or ("Final estimate" if text else "Mean    KLD:") not in log:  # e.g. a text too short
         raise SystemExit(f"{' '.join(command)} failed:\n" + "\n".join(log.splitlines()[-20:]))
     if text:
         return None
@@ -295,7 +295,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write every round's figures here")
     parser.add_argument("--kl", action="store_true", help="compare the KL to float32 at the same bits instead")
     parser.add_argument("--kl-context", type=int, default=KL_CONTEXT, help="llama-perplexity's -c for --kl")
-    parser.add_argument("--kl-text", default=None, help="--kl over this text file (default: check's 8 prompts)")
+    parser.add_argument("--kl-text", default=None, help="--kl over this text file (default: check's 8 prompts); "
+                        "ernie-paddle holds 3 x positions x vocabulary float32 logits")
     parser.add_argument("--kl-initializer", type=float, nargs="+", default=SPREAD_INITIALIZERS,
                         help="--kl without --checkpoint: the random 0.3B models' initializer_range")
     args = parser.parse_args(argv)
