@@ -124,13 +124,18 @@ def top_k(p: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(-p, k - 1, axis=-1)[..., :k]
 
 
+def kl_divergence(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
+    """KL(p ‖ q) in nats at each position, from log-probabilities [positions, vocab]."""
+    return np.maximum((np.exp(log_p) * (log_p - log_q)).sum(-1), 0.0)
+
+
 def agreement(reference_logits: np.ndarray, candidate_logits: np.ndarray) -> Agreement:
     """Distribution metrics between two [positions, vocab] logit arrays."""
     log_p, log_q = log_softmax(reference_logits), log_softmax(candidate_logits)
     p, q = np.exp(log_p), np.exp(log_q)
     dp = np.abs(p - q)
     cosine = (p * q).sum(-1) / (np.linalg.norm(p, axis=-1) * np.linalg.norm(q, axis=-1))
-    kl = np.maximum((p * (log_p - log_q)).sum(-1), 0.0)
+    kl = kl_divergence(log_p, log_q)
     top5_p, top5_q = top_k(p, 5), top_k(q, 5)
     overlap = [len(set(a) & set(b)) / len(a) for a, b in zip(top5_p, top5_q)]
     return Agreement(positions=len(p), mean_abs_dp=float(dp.mean()), max_abs_dp=float(dp.max()),

@@ -50,10 +50,12 @@ class Quantized(NamedTuple):
         return "wint8" if self.data.dtype == np.int8 else "wint4"
 
 
-def quantize(w: np.ndarray, format: str, group: int = GROUP) -> Quantized:
-    """W [N, K] (float32, or uint16 holding bf16 bits as checkpoint.py reads them) packed as `format`.
-    Any strides work, a -Paddle [in, out] matrix's transposed view too, but reading across rows is
-    ~10x slower than cpu_ops.copy_transposed and then this."""
+def quantize(w: np.ndarray, format: str, group: int = GROUP, out: tuple[np.ndarray, np.ndarray] | None = None) -> Quantized:
+    """W [N, K] (float32, or uint16 holding bf16 bits as checkpoint.py reads them) packed as `format`,
+    into new arrays or the contiguous (data, scales) of `out`. Any strides work, a -Paddle [in, out]
+    matrix's transposed view too, but reading across rows is ~10x slower than cpu_ops.copy_transposed
+    and then this. Rows pack independently but for the interleaving in groups of 8: rows a:b of W, a a
+    multiple of 8 and b one too or N, pack into rows a:b of the whole matrix's data and scales."""
     if format not in FORMATS:
         raise ValueError(f"unknown quantization {format!r}: use one of {', '.join(FORMATS)}")
     if group <= 0 or group % 32:
@@ -61,8 +63,14 @@ def quantize(w: np.ndarray, format: str, group: int = GROUP) -> Quantized:
     bits = FORMATS[format]
     n, k = w.shape
     kp = -(-k // group) * group
-    data = np.empty((n, kp if bits == 8 else kp // 2), np.int8 if bits == 8 else np.uint8)
-    scales = np.empty((n, kp // group), np.float16)
+    shapes = (n, kp if bits == 8 else kp // 2), (n, kp // group)
+    if out is None:
+        data, scales = np.empty(shapes[0], np.int8 if bits == 8 else np.uint8), np.empty(shapes[1], np.float16)
+    else:
+        data, scales = out
+        if (data.shape, scales.shape) != shapes or not (data.flags.c_contiguous and scales.flags.c_contiguous):
+            raise ValueError(f"quantize out: expected contiguous arrays of shapes {shapes}, got "
+                             f"{data.shape} and {scales.shape}")
     if not cpu_ops.quantize(w, bits, group, data, scales):
         data[...], scales[...] = _quantize_numpy(w, bits, group, kp)
     return Quantized(data, scales, k)

@@ -71,6 +71,28 @@ def test_both_layouts_quantize_to_the_same_bits(tmp_path, quantization):
     assert [r.token_ids for r in a.generate(ids, max_new_tokens=16)] == [r.token_ids for r in b.generate(ids, max_new_tokens=16)]
 
 
+@pytest.mark.parametrize("layout", ["pt", "paddle"])
+def test_quantizing_a_block_of_rows_at_a_time_gives_the_whole_matrixs_bits(tmp_path, monkeypatch, layout):
+    """Blocks of 24 rows (16 of the down projection): one crosses the q / k parts of the fused qkv, and
+    the vocabulary's 211 rows end in a partial block and 3 rows outside the groups of 8."""
+    from converters.convert import pt2paddle
+    from ernie_paddle import predictor, quant
+
+    save_tiny_pt(tmp_path / "pt", tie_word_embeddings=False)
+    if layout == "paddle":
+        pt2paddle(tmp_path / "pt", tmp_path / "paddle", progress=False)
+    plain = ErniePredictor.from_pretrained(tmp_path / layout, device="cpu", weight_dtype="float32").model.weights()
+    monkeypatch.setattr(predictor, "READ_BLOCK_BYTES", 24 * 64 * 4)
+    packed = ErniePredictor.from_pretrained(tmp_path / layout, device="cpu", quantization="wint4").model.weights()
+    checked = 0
+    for name, w in packed.items():
+        if isinstance(w, Packed):
+            whole = quant.quantize(plain[name].numpy(), w.format)
+            assert np.array_equal(w.data.numpy(), whole.data) and np.array_equal(w.scales.numpy(), whole.scales), name
+            checked += 1
+    assert checked == 2 * 4 + 2  # qkv, o, gate_up, down of two layers; embedding and lm_head
+
+
 @pytest.mark.parametrize("quantization", ["wint8", "wint4"])
 def test_moe_experts_quantized_give_a_row_the_same_bits_alone_and_in_a_batch(tmp_path, quantization):
     import paddle

@@ -3,7 +3,7 @@
 A table lives between `<!-- results:NAME -->` (or `<!-- results:NAME:VIEW -->`) and `<!-- /results -->`;
 NAME is docs/results/NAME.json. A results file holds what one of the project's tools wrote with
 --json (`ernie-paddle check`, `ernie-paddle bench`, tools/bench_vs_transformers.py, tools/bench_moe.py,
-tools/bench_vs_llamacpp.py)
+tools/bench_vs_llamacpp.py, also with --kl)
 under "data", with the machine, versions, date and command that `record` adds, on the machine that
 ran it, right after the run:
 
@@ -93,6 +93,8 @@ def kind(data: dict) -> str:
         return "bench_moe"
     if "full_wint4" in data:
         return "bench_moe_full"
+    if data.get("tool") == "kl_vs_llamacpp":
+        return "kl_vs_llamacpp"
     if "llama_cpp_python" in data:
         return "bench_vs_llamacpp"
     if "rows" in data and "weight_bytes" in data:
@@ -211,6 +213,26 @@ def bench_vs_llamacpp_table(data: dict, view: str) -> list[str]:
             "alternating rounds."]
 
 
+def kl_vs_llamacpp_table(data: dict, view: str) -> list[str]:
+    rows = []
+    for name, model in data["models"].items():
+        for kind, r in model["results"].items():
+            theirs, ours = r["llama_cpp"], r["ernie_paddle"]
+            rows.append([name, f"{kind} / {r['quantization']}", model["positions"], f"{theirs['mean_kl']:.6f}",
+                         f"{ours['mean_kl']:.6f}", f"{ours['mean_kl'] / theirs['mean_kl']:.2f}x",
+                         f"{theirs['top1']:.1%}", f"{ours['top1']:.1%}"])
+    aligned = "; ".join(f"{name} {m['float32_vs_llama_cpp_f32']['mean_kl']:.1e} nats, top-1 "
+                        f"{m['float32_vs_llama_cpp_f32']['top1']:.0%}" for name, m in data["models"].items())
+    context = next(iter(data["models"].values()))["context"]
+    return table(["model", "weights (llama.cpp / ernie-paddle)", "positions", "llama.cpp KL", "ernie-paddle KL",
+                  "ratio", "llama.cpp top-1", "ernie-paddle top-1"], rows) + [
+        "", f"Mean KL(float32 ‖ quantized) in nats and top-1 agreement with float32, each system against its own "
+            f"float32 run, over the positions llama-perplexity scores in the text of {data['text']} "
+            f"(-c {context}: each chunk's second half), on the tokens it evaluated (llama-cpp-python "
+            f"{data['llama_cpp_python']}'s llama.cpp, KV cache in float32). Both float32 runs on those positions, "
+            f"against each other: {aligned}."]
+
+
 def bench_moe_full_table(data: dict, view: str) -> list[str]:
     run = data["full_wint4"]
     return table(["model", "load (s)", "held weights (GB)", "peak RSS (GB)", "decode (tok/s)"],
@@ -220,7 +242,7 @@ def bench_moe_full_table(data: dict, view: str) -> list[str]:
 
 RENDERERS = {"check": check_table, "bench": bench_table, "bench_vs_transformers": bench_vs_transformers_table,
              "bench_moe": bench_moe_table, "bench_moe_full": bench_moe_full_table,
-             "bench_vs_llamacpp": bench_vs_llamacpp_table}
+             "bench_vs_llamacpp": bench_vs_llamacpp_table, "kl_vs_llamacpp": kl_vs_llamacpp_table}
 
 
 def provenance(results: dict, link: str) -> str:
