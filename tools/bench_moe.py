@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -122,6 +123,9 @@ def decode_round(system: str, directory: str, prompt: list[int], new_tokens: int
     transformers' process never imports ernie_paddle, whose malloc and MKL settings would be its too."""
     start = time.perf_counter()
     if system == "transformers":
+        # its loader's threads widen and stack several MoE layers' experts at once: 4 layers (11 GB of
+        # float32) went beyond 24 GB; one layer at a time it peaks about 4 GB above the weights
+        os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
         sys.path.insert(0, str(Path(__file__).parent))
         from bench_vs_transformers import TransformersRunner
 
@@ -212,6 +216,8 @@ def main(argv=None) -> int:
                         help="instead: llama.cpp's llama-bench on BF16 / Q8_0 / Q4_0 GGUFs of the MoE checkpoint "
                              "against ernie-paddle bf16 / wint8 / wint4, alternating rounds")
     parser.add_argument("--threads", type=int, default=2, help="llama-bench's threads (with --llamacpp)")
+    parser.add_argument("--gguf-dir", default=None, help="with --llamacpp: where the GGUFs are (or are written); "
+                                                         "default: beside llama.cpp's build")
     parser.add_argument("--keep", default=None, help="write the checkpoints here and reuse them next time")
     parser.add_argument("--json", default=None, help="write every round's figures to this file")
     parser.add_argument("--full-wint4", default=None, metavar="DIR",
@@ -236,7 +242,7 @@ def main(argv=None) -> int:
         if not moe_dir.exists():
             write_random_checkpoint(moe_dir, moe_config, "Ernie4_5_MoeForCausalLM", "ernie4_5_moe")
         if args.llamacpp:
-            return against_llamacpp(moe_dir, args.rounds, args.new_tokens, args.threads, args.json)
+            return against_llamacpp(moe_dir, args.gguf_dir, args.rounds, args.new_tokens, args.threads, args.json)
         if not dense_dir.exists():
             write_random_checkpoint(dense_dir, DENSE_03B, "Ernie4_5ForCausalLM", "ernie4_5")
         from ernie_paddle.bench import random_prompts, step_bytes, wait_for_idle_cpu, weight_bytes
@@ -317,7 +323,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def against_llamacpp(moe_dir: Path, rounds: int, new_tokens: int, threads: int, json_out: str | None) -> int:
+def against_llamacpp(moe_dir: Path, gguf_dir: str | None, rounds: int, new_tokens: int, threads: int,
+                     json_out: str | None) -> int:
     """llama-bench tg`new_tokens` on the checkpoint's BF16 / Q8_0 / Q4_0 GGUFs (tools/bench_vs_llamacpp.py
     builds llama.cpp and converts) against our bf16 / wint8 / wint4 decode, alternating round by round;
     ours each in a fresh process, as llama-bench loads its model each time."""
@@ -330,7 +337,7 @@ def against_llamacpp(moe_dir: Path, rounds: int, new_tokens: int, threads: int, 
     for name in llamacpp.TOKENIZER_FILES:  # the converter reads a SentencePiece tokenizer; our loader ignores it
         if not (moe_dir / name).exists():
             shutil.copy(llamacpp.DEMO / name, moe_dir / name)
-    out = root / "gguf" / moe_dir.resolve().name
+    out = Path(gguf_dir) if gguf_dir else root / "gguf" / moe_dir.resolve().name
     out.mkdir(parents=True, exist_ok=True)
     size = {"BF16": 1.0, "Q8_0": 8.5 / 16, "Q4_0": 4.5 / 16}  # of the bf16 checkpoint's bytes
     need = sum(f * (moe_dir / "model.safetensors").stat().st_size for kind, f in size.items()
