@@ -155,16 +155,17 @@ def fresh_process_round(system: str, directory: Path, new_tokens: int, quantizat
     part starts once the CPU is idle."""
     from ernie_paddle.bench import random_prompts, wait_for_idle_cpu
 
-    prompt = random_prompts(MOE_21B["vocab_size"], 1, PROMPT_LEN)[0]
+    prompt = random_prompts(json.loads((directory / "config.json").read_text())["vocab_size"], 1, PROMPT_LEN)[0]
     command = [sys.executable, __file__, "--decode-round", system, str(directory), "--new-tokens", str(new_tokens),
                "--prompt", ",".join(map(str, prompt))] + (["--quantization", quantization] if quantization else [])
     with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as child:  # progress on stderr
         while (line := child.stdout.readline()) and line.strip() != "ready":
             pass
-        busy = wait_for_idle_cpu()
-        child.stdin.write("go\n")
-        child.stdin.flush()
-        out = child.stdout.read()
+        if line:  # else it ended before it was ready
+            busy = wait_for_idle_cpu()
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            out = child.stdout.read()
     if child.returncode != 0 or not line:
         raise SystemExit(f"the {system} round on {directory} failed (exit {child.returncode}); its error is above")
     return dict(json.loads(out.splitlines()[-1]), cpu_busy_before=busy)
