@@ -3,7 +3,8 @@ whole model needs 43 GB in bf16), random weights saved bf16, float32 compute, gr
 
     python tools/bench_moe.py [--layers 4] [--new-tokens 128] [--batch 8] [--rounds 2] [--no-reference]
                               [--keep DIR] [--json OUT]
-    python tools/bench_moe.py --llamacpp [--layers 4] [--rounds 3] [--threads 2] [--keep DIR] [--json OUT]
+    python tools/bench_moe.py --llamacpp [--layers 4] [--rounds 3] [--threads 2] [--gguf-dir DIR] [--keep DIR]
+                              [--json OUT]
     python tools/bench_moe.py --full-wint4 DIR [--new-tokens 32] [--json OUT]
 
 Every timed part waits for an idle CPU first, and every round is reported. The default run:
