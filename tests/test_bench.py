@@ -101,3 +101,27 @@ def test_moe_model_reports_the_bytes_of_the_routed_experts(tmp_path):
     experts = 3 * 64 * 32 * 4 * 8  # MoE layer 1 of 2: up_gate [64, 64] + down [64, 32] of 8 experts, float32
     assert data["weight_bytes"] - data["step_bytes"] == experts * 6 // 8  # 6 of 8 experts not read
     assert data["matmul_ceiling_tps"] > 0 and ((data["kernel_ceiling_tps"] or 0) > 0 or not cpu_ops.available())
+
+
+def test_bench_moe_rounds_run_each_side_in_a_fresh_process(tmp_path, monkeypatch):
+    """tools/bench_moe.py: our decode and transformers' each load, warm up and time 5 tokens in a process
+    of their own, which reports its peak RSS; a round that fails says which system and checkpoint."""
+    import importlib.util
+    from pathlib import Path
+
+    from conftest import save_tiny_moe_pt
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "bench_moe.py"
+    spec = importlib.util.spec_from_file_location("bench_moe", tool)
+    bench_moe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_moe)
+    monkeypatch.setattr("ernie_paddle.bench.wait_for_idle_cpu", lambda: 0.0)  # no waiting for a quiet machine here
+    save_tiny_moe_pt(tmp_path / "moe")
+    for system in ("ernie-paddle", "transformers"):
+        round_ = bench_moe.fresh_process_round(system, tmp_path / "moe", 5)
+        assert round_["system"] == system and round_["new_tokens"] == 5 and round_["decode_tps"] > 0
+        assert round_["peak_rss_bytes"] > round_["weight_bytes"] > 0
+    (tmp_path / "no-weights").mkdir()
+    (tmp_path / "no-weights" / "config.json").write_bytes((tmp_path / "moe" / "config.json").read_bytes())
+    with pytest.raises(SystemExit, match=r"the transformers round on \S+no-weights failed \(exit 1\)"):
+        bench_moe.fresh_process_round("transformers", tmp_path / "no-weights", 5)
