@@ -150,29 +150,35 @@ class Engine:
 
     def _loop(self):
         paddle.set_device(self.device)
-        with paddle.no_grad():
-            while True:
-                with self.wake:
-                    while not (self.waiting or self.running or self.stopping):
-                        self.wake.wait()
-                    if self.stopping and not self.running:
-                        return
-                    admitted = []
-                    while self.waiting and len(self.running) + len(admitted) < self.slots:
-                        admitted.append(self.waiting.popleft())
-                try:
-                    for request in admitted:
-                        if not self._ended(request):
-                            self._prefill(request)
-                    for request in [r for r in self.running if self._ended(r)]:
-                        self._leave(request)
-                    if self.running:
-                        self._decode()
-                except Exception as e:  # a failed step must not take the server down with it
-                    log.exception("generation step failed")
-                    for request in admitted + self.running:
-                        self._fail(request, f"internal error: {type(e).__name__}: {e}")
-                    self.running, self.clock = [], 0
+        while True:
+            with self.wake:
+                while not (self.waiting or self.running or self.stopping):
+                    self.wake.wait()
+                if self.stopping and not self.running:
+                    return
+            self.step()
+
+    def step(self):
+        """One turn of the engine: waiting requests join while slots are free, ended ones leave, and
+        the running batch decodes one token. The engine's thread runs it in a loop."""
+        with self.wake:
+            admitted = []
+            while self.waiting and len(self.running) + len(admitted) < self.slots:
+                admitted.append(self.waiting.popleft())
+        try:
+            with paddle.no_grad():
+                for request in admitted:
+                    if not self._ended(request):
+                        self._prefill(request)
+                for request in [r for r in self.running if self._ended(r)]:
+                    self._leave(request)
+                if self.running:
+                    self._decode()
+        except Exception as e:  # a failed step must not take the server down with it
+            log.exception("generation step failed")
+            for request in admitted + self.running:
+                self._fail(request, f"internal error: {type(e).__name__}: {e}")
+            self.running, self.clock = [], 0
 
     def _ended(self, request: Request) -> bool:
         """Whether `request` must stop now: cancelled (it has been told), out of time, or the
@@ -230,7 +236,9 @@ class Engine:
         mask = np.full([n, 1, self.max_model_len], MASKED, np.float32)
         for i, r in enumerate(self.running):
             mask[i, 0, clock - r.length:clock + 1] = 0
-        cache = KVCache([k[:n] for k in self.cache.keys], [v[:n] for v in self.cache.values])
+        # The first n slots, sharing the pool's memory (the model writes this step's keys into it):
+        # `_slice`, because with FLAGS_use_stride_kernel=0 (custom devices, NPU images) `k[:n]` is a copy.
+        cache = KVCache([k._slice(0, n) for k in self.cache.keys], [v._slice(0, n) for v in self.cache.values])
         logits = self.model(paddle.to_tensor(tokens), paddle.to_tensor(positions), paddle.to_tensor(mask), cache,
                             clock, last_only=True).numpy()
         self.clock += 1
