@@ -129,10 +129,11 @@ def generate_batch(predictor, max_tokens: int) -> dict:
 
 
 def summary(parts: dict) -> dict:
+    """The targets' figures of one round against one server, and the parts they come from."""
     p99 = lambda probe: load_test.percentile(probe, 99)  # noqa: E731
     return {"tokens_per_s_8": parts["8 clients"]["tokens_per_s"], "tokens_per_s_1": parts["1 client"]["tokens_per_s"],
             "ttft_p99_busy": p99(parts["busy probe"]["probe_ttft"]),
-            "ttft_p99_idle": p99(parts["idle probe"]["probe_ttft"])}
+            "ttft_p99_idle": p99(parts["idle probe"]["probe_ttft"]), "parts": parts}
 
 
 def main(argv=None) -> int:
@@ -173,18 +174,18 @@ def main(argv=None) -> int:
             predictor = ErniePredictor.from_pretrained(str(models["ernie-paddle"]), device="cpu", progress=False)
             predictor.generate([PROMPT] * 8, max_new_tokens=8)
             for r in range(args.rounds):
-                figures = {system: measure(server.url, args.max_tokens) for system, server in servers.items()}
+                figures = {system: summary(measure(server.url, args.max_tokens)) for system, server in servers.items()}
                 figures["generate"] = generate_batch(predictor, args.max_tokens)
                 rounds.append(figures)
                 line = ", ".join(f"{system} " + "{tokens_per_s_8:.1f} tok/s with 8 clients, {tokens_per_s_1:.1f} "
                                  "with 1, TTFT p99 {ttft_p99_busy:.3f} s busy / {ttft_p99_idle:.3f} s idle".format(
-                                     **summary(figures[system])) for system in servers)
+                                     **figures[system]) for system in servers)
                 print(f"round {r + 1}: {line}; generate of 8 as one batch {figures['generate']['tokens_per_s']:.1f}"
                       " tok/s", flush=True)
         finally:
             for server in servers.values():
                 server.stop()
-    report = {"model": args.model, "max_tokens": args.max_tokens, "clients": 8, "prompt": PROMPT,
+    report = {"tool": "bench_serve", "probes": PROBES, "model": args.model, "max_tokens": args.max_tokens, "clients": 8, "prompt": PROMPT,
               "vllm_dtype": args.vllm_dtype if args.vllm_python else None, "rounds": rounds}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
