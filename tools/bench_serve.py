@@ -36,6 +36,7 @@ NAME = "bench"
 PROMPT = "The capital of France is"
 NO_EOS = {"2": -100}
 PROBES = 10
+VLLM_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # vLLM keeps a core for its scheduler by default: both compute
 
 
 def with_tokenizer(model: Path, work: Path) -> Path:
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
 
     from ernie_paddle import ErniePredictor
 
-    rounds, servers = [], {}
+    rounds, servers, vllm_error = [], {}, None
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         models = {"ernie-paddle": with_tokenizer(Path(args.model), work)}
@@ -164,11 +165,15 @@ def main(argv=None) -> int:
             if args.vllm_python:
                 port = free_port()
                 vllm = str(Path(args.vllm_python).parent / "vllm")
-                servers["vllm"] = Server([vllm, "serve", str(models["ernie-paddle"]), "--port", str(port),
-                                          "--served-model-name", NAME, "--max-num-seqs", "8", "--max-model-len",
-                                          "2048", "--kv-cache-memory-bytes", str(1 << 30), "--dtype",
-                                          args.vllm_dtype], {**os.environ, "PATH": f"{Path(vllm).parent}:"
-                                                             f"{os.environ['PATH']}"}, work / "vllm.log", 900, port)
+                try:
+                    servers["vllm"] = Server([vllm, "serve", str(models["ernie-paddle"]), "--port", str(port),
+                                              "--served-model-name", NAME, "--max-num-seqs", "8", "--max-model-len",
+                                              "2048", "--kv-cache-memory-bytes", str(1 << 30), "--dtype",
+                                              args.vllm_dtype], {**os.environ, **VLLM_ENV, "PATH": f"{Path(vllm).parent}:"
+                                                                 f"{os.environ['PATH']}"}, work / "vllm.log", 900, port)
+                except SystemExit as e:  # the rest is still worth measuring
+                    vllm_error = str(e)
+                    print(f"vLLM: {vllm_error}", file=sys.stderr)
             for server in servers.values():  # warm-up
                 load(server.url, 8, 8)
             predictor = ErniePredictor.from_pretrained(str(models["ernie-paddle"]), device="cpu", progress=False)
@@ -186,7 +191,7 @@ def main(argv=None) -> int:
             for server in servers.values():
                 server.stop()
     report = {"tool": "bench_serve", "probes": PROBES, "model": args.model, "max_tokens": args.max_tokens, "clients": 8, "prompt": PROMPT,
-              "vllm_dtype": args.vllm_dtype if args.vllm_python else None, "rounds": rounds}
+              "vllm_dtype": args.vllm_dtype if args.vllm_python else None, "vllm_error": vllm_error, "rounds": rounds}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
