@@ -238,7 +238,8 @@ def bench_serve_table(data: dict, view: str) -> list[str]:
                   "TTFT p99, 7 decoding (ms)", "TTFT p99, idle (ms)", "busy / idle"], rows) + [
         "", f"Streaming clients of tools/load_test.py, greedy, {data['max_tokens']} new tokens each (EOS "
             f"suppressed), prompt {data['prompt']!r}; TTFT p99 of {data['probes']} one-token requests sent one after "
-            "another. Each measurement starts on an idle CPU; every round is shown."]
+            "another" + (f"; vLLM computes in {data['vllm_dtype']} on every core" if data.get("vllm_dtype") else "")
+        + ". Each measurement starts on an idle CPU; every round is shown."]
 
 
 RENDERERS = {"check": check_table, "bench": bench_table, "bench_vs_transformers": bench_vs_transformers_table,
