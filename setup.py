@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+SERVE = ["starlette>=0.37", "uvicorn>=0.30", "pydantic>=2.6", "jinja2>=3.1", "prometheus_client>=0.20"]
+
 setup(
     name="ernie-paddle",
     version="0.1.0",
@@ -14,8 +16,10 @@ setup(
     extras_require={
         "cpu": ["paddlepaddle>=3.1,<4"],
         "check": ["torch==2.13.0", "transformers>=4.54"],
-        "test": ["pytest>=7", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.54"],
+        "test": ["pytest>=7", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.54", "openai>=1.40", "httpx>=0.27",
+                 *SERVE],
         "hub": ["huggingface_hub>=0.20"],
+        "serve": SERVE,
     },
     entry_points={"console_scripts": ["ernie-paddle=ernie_paddle.cli:main", "convert=converters.cli:main"]},
 )

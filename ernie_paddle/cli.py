@@ -107,11 +107,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="vLLM only (default: auto on gpu, bfloat16 on npu, float32 on cpu)")
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("serve", help="serve the Paddle predictor over an OpenAI-style HTTP API")
+    p = sub.add_parser("serve", help="serve the model over the OpenAI API, batching concurrent requests")
     p.add_argument("--model", required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8180, help="0 picks a free port")
     p.add_argument("--served-model-name", default=None, help="default: the model directory's name")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (KV-cache slots)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="tokens (prompt + output) a request may use; default: the model's, at most 2048")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; more are answered 503 with Retry-After")
+    p.add_argument("--max-tokens", type=int, default=None, help="the most tokens a request may ask for")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may take in all, queueing included (default: no limit)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (not on /health)")
     _device_args(p)
     _quantization_arg(p)
     _add_help_texts(parser, sub)

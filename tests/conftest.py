@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
             initializer_range=0.2)  # larger than the default 0.02, so greedy decoding does not repeat one token
+
+
+@pytest.fixture(autouse=True)
+def paddle_flags_restored():
+    """Paddle reads the FLAGS_* environment variables when it is imported, and `cli.main` run in the
+    test process sets some (device.prepare_environment, for --device npu, say): each test's are put
+    back, or every later test's subprocesses (servers, children) run a differently configured Paddle
+    (FLAGS_use_stride_kernel=0 made slices copies)."""
+    before = {name: value for name, value in os.environ.items() if name.startswith("FLAGS_")}
+    yield
+    for name in [name for name in os.environ if name.startswith("FLAGS_") and name not in before]:
+        del os.environ[name]
+    os.environ.update(before)
 
 
 def save_tiny_pt(directory, seed=0, dtype="float32", max_shard_size=None, **overrides):

@@ -239,6 +239,8 @@ HOOKED_CLI = """
 import os, signal, sys, time
 from pathlib import Path
 import converters.convert as convert
+# Ctrl-C as in a terminal: a shell's background job (a CI run, say) starts with SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 {hook}
 from converters.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -1,27 +1,68 @@
-"""`ernie-paddle serve` on the embedded demo model, answered over loopback by a real HTTP client."""
+"""`ernie-paddle serve` run as a subprocess on 127.0.0.1, answered by the official `openai` client,
+`http.client` and raw sockets; its answers compared with ErniePredictor on the same prompts."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import math
 import re
 import select
-import signal
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
+from conftest import save_tiny_pt, save_tiny_tokenizer
 from ernie_paddle import deploy
 from ernie_paddle.demo import DEMO_MODEL as DEMO
-from ernie_paddle.serve import make_server
+
+openai = pytest.importorskip("openai")
 
 PROMPT = "The capital of France is"
-TIMEOUT_S = 60
+TIMEOUT_S = 120
+NO_EOS = {"2": -100}  # logit_bias that keeps the demo model talking
+TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+
+
+class ServerProcess:
+    """`python -m ernie_paddle serve ...` on a free port; its stderr kept in `log`."""
+
+    def __init__(self, model, *options, ignore_sigint=False):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ernie_paddle", "serve", "--model", str(model), "--port", "0", "--device", "cpu",
+             *map(str, options)], stderr=subprocess.PIPE, text=True,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None)
+        self.log = ""
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (match := re.search(r"on http://127\.0\.0\.1:(\d+)", self.log)):
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.log
+            if select.select([self.proc.stderr], [], [], 1)[0]:
+                self.log += self.proc.stderr.readline()
+        self.port = int(match.group(1))
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.log += line
+
+    def stop(self, how=signal.SIGTERM) -> int:
+        self.proc.send_signal(how)
+        try:
+            return self.proc.wait(TIMEOUT_S)
+        finally:
+            self.proc.kill()
+
+    def client(self, **kwargs):
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=kwargs.pop("api_key", "none"),
+                             max_retries=0, timeout=TIMEOUT_S, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -31,168 +72,412 @@ def predictor():
 
 
 @pytest.fixture(scope="module")
-def port(predictor):
-    server = make_server(predictor, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-    thread.join(TIMEOUT_S)
+def server():
+    server = ServerProcess(DEMO, "--max-num-seqs", 4)
+    yield server
+    assert server.stop() == 0, server.log
 
 
-def call(port, method, path, body=None):
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """A tiny random model that rarely stops by itself, with a tokenizer and a chat template."""
+    directory = tmp_path_factory.mktemp("serve") / "tiny-random-PT"
+    save_tiny_pt(directory, vocab_size=400)
+    save_tiny_tokenizer(directory, [f"the quick brown fox jumps over the lazy dog {i} times" for i in range(200)],
+                        vocab_size=400)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    return directory
+
+
+def call(port, method, path, body=None, headers=None):
     """(status, headers, raw body) of one request; `body` is JSON-encoded unless already bytes."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_S)
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     try:
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
         response = conn.getresponse()
         return response.status, dict(response.getheaders()), response.read()
     finally:
         conn.close()
 
 
-def complete(port, **body):
-    status, _, raw = call(port, "POST", "/v1/completions", {"prompt": PROMPT, "temperature": 0, **body})
-    assert status == 200, raw
-    return json.loads(raw)
+def raw(port, data: bytes, read_s: float = TIMEOUT_S) -> bytes:
+    """What the server sends back on a raw connection for `data`, until it closes or `read_s` pass."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_s) as sock:
+        sock.sendall(data)
+        got = b""
+        try:
+            while chunk := sock.recv(1 << 16):
+                got += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+        return got
 
 
-def stream(port, **body):
-    """The decoded events of a streamed completion, checking the SSE framing and the [DONE] end."""
-    status, headers, raw = call(port, "POST", "/v1/completions",
-                                {"prompt": PROMPT, "temperature": 0, "stream": True, **body})
-    assert status == 200 and headers["Content-Type"] == "text/event-stream"
-    frames = raw.decode().split("\n\n")
-    assert frames[-2:] == ["data: [DONE]", ""]
-    assert all(f.startswith("data: ") for f in frames[:-1])
-    return [json.loads(f[len("data: "):]) for f in frames[:-2]]
+def post(body, path="/v1/completions", length=None) -> bytes:
+    body = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\n\r\n").encode() + body
 
 
-def streamed_text(events) -> str:
-    return "".join(e["choices"][0]["text"] for e in events)
+def json_error(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), response[:300]
+    return int(head.split()[1]), json.loads(body)["error"]
 
 
-def test_health_and_models(port):
-    assert call(port, "GET", "/health")[0] == 200
-    status, _, raw = call(port, "GET", "/v1/models")
-    assert status == 200
-    assert [m["id"] for m in json.loads(raw)["data"]] == [DEMO.name]
+def healthy(port) -> bool:
+    return call(port, "GET", "/health")[0] == 200
 
 
-def test_completion_matches_the_predictor(port, predictor):
-    reply = complete(port, max_tokens=8, model=DEMO.name)
-    [expected] = predictor.generate([PROMPT], max_new_tokens=8, temperature=0.0)
-    [choice] = reply["choices"]
-    assert reply["object"] == "text_completion" and reply["model"] == DEMO.name
-    assert choice["text"] == expected.text and choice["finish_reason"] == expected.finish_reason
-    assert reply["usage"]["completion_tokens"] == expected.generated_tokens <= 8
-    assert reply["usage"]["total_tokens"] == expected.prompt_tokens + expected.generated_tokens
+def metric(port, name: str) -> float:
+    text = call(port, "GET", "/metrics")[2].decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
-def test_streaming_gives_the_same_text(port):
-    events = stream(port, max_tokens=8)
-    assert streamed_text(events) == complete(port, max_tokens=8)["choices"][0]["text"]
-    assert [e["choices"][0]["finish_reason"] for e in events][-1] in ("stop", "length")
-    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
+def log_softmax(logits):
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def test_max_tokens(port):
-    reply = complete(port, max_tokens=1, stop=None)
-    assert reply["usage"]["completion_tokens"] == 1
-    assert reply["choices"][0]["finish_reason"] in ("length", "stop")
+# ---- the API, through the official client ----------------------------------------------------
 
 
-def test_stop_string_ends_the_text_before_it(port):
-    full = complete(port, max_tokens=12)["choices"][0]["text"]
-    # the first two characters that occur only after the start
+def test_health_models_and_metrics(server, client):
+    assert healthy(server.port)
+    assert [m.id for m in client.models.list().data] == [DEMO.name]
+    status, headers, raw_metrics = call(server.port, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    for series in ("ernie_requests_total", "ernie_prompt_tokens_total", "ernie_generation_tokens_total",
+                   "ernie_queue_length", "ernie_running_requests", "ernie_time_to_first_token_seconds_bucket",
+                   "ernie_time_per_output_token_seconds_bucket"):
+        assert series in raw_metrics.decode()
+
+
+def test_completions_equal_the_predictor(client, predictor):
+    prompts = [PROMPT, "The capital of Japan is", "Water boils at", "1 + 1 ="]
+    reply = client.completions.create(model=DEMO.name, prompt=prompts, max_tokens=12, temperature=0)
+    for prompt, choice in zip(prompts, reply.choices):
+        [expected] = predictor.generate([prompt], max_new_tokens=12)
+        assert (choice.text, choice.finish_reason) == (expected.text, expected.finish_reason)
+    assert reply.usage.completion_tokens == sum(predictor.generate([p], max_new_tokens=12)[0].generated_tokens
+                                                for p in prompts)
+    ids = predictor.tokenizer.encode(PROMPT)
+    assert client.completions.create(model=DEMO.name, prompt=ids, max_tokens=12, temperature=0).choices[0].text \
+        == reply.choices[0].text
+
+
+def test_chat_equals_the_predictor_on_the_ernie_format(client, predictor):
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": PROMPT}]
+    reply = client.chat.completions.create(model=DEMO.name, messages=messages, max_tokens=10, temperature=0)
+    [expected] = predictor.generate([predictor.tokenizer.apply_chat_template(messages)], max_new_tokens=10)
+    assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+    assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (expected.text, expected.finish_reason)
+    assert reply.usage.completion_tokens == expected.generated_tokens
+
+
+def test_streams_carry_the_same_text_and_the_usage(client):
+    whole = client.completions.create(model=DEMO.name, prompt=PROMPT, max_tokens=40, temperature=0, logit_bias=NO_EOS)
+    chunks = list(client.completions.create(model=DEMO.name, prompt=PROMPT, max_tokens=40, temperature=0,
+                                            logit_bias=NO_EOS, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks[:-1]][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 40
+
+    messages = [{"role": "user", "content": PROMPT}]
+    whole = client.chat.completions.create(model=DEMO.name, messages=messages, max_tokens=20, temperature=0)
+    chunks = list(client.chat.completions.create(model=DEMO.name, messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    no_usage = list(client.chat.completions.create(model=DEMO.name, messages=messages, max_tokens=3, stream=True))
+    assert all(c.choices for c in no_usage)
+
+
+def test_logprobs_and_echo_are_the_models(client, predictor):
+    reply = client.completions.create(model=DEMO.name, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3,
+                                      echo=True)
+    [choice] = reply.choices
+    assert choice.text.startswith(PROMPT)
+    prompt_ids = predictor.tokenizer.encode(PROMPT)
+    ids = prompt_ids + predictor.generate([PROMPT], max_new_tokens=6)[0].token_ids
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset[:2] == [0, len(predictor.tokenizer.decode(prompt_ids[:1]))]
+    expected = log_softmax(predictor.logits([ids])[0])  # the model's own, from a run without the KV cache
+    for i in range(1, len(ids)):
+        assert math.isclose(lp.token_logprobs[i], expected[i - 1, ids[i]], abs_tol=1e-4)
+    for i in range(len(prompt_ids), len(lp.tokens)):  # greedy: each generated token is the most likely
+        assert len(lp.top_logprobs[i]) == 3 and max(lp.top_logprobs[i].values()) == lp.token_logprobs[i]
+
+    chat = client.chat.completions.create(model=DEMO.name, messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob == entry.logprob <= 0
+    assert "".join(bytes(e.bytes).decode("utf-8", "replace") for e in content) == chat.choices[0].message.content
+
+
+def test_stop_strings_and_seeds(client):
+    full = client.completions.create(model=DEMO.name, prompt=PROMPT, max_tokens=30, temperature=0,
+                                     logit_bias=NO_EOS).choices[0].text
     cut = next(k for k in range(1, len(full) - 1) if full.find(full[k:k + 2]) == k)
-    stop = full[cut:cut + 2]
-    choice = complete(port, max_tokens=12, stop=[stop])["choices"][0]
-    assert (choice["text"], choice["finish_reason"]) == (full[:cut], "stop")
-    events = stream(port, max_tokens=12, stop=stop)
-    assert streamed_text(events) == full[:cut]
-    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    stopped = client.completions.create(model=DEMO.name, prompt=PROMPT, max_tokens=30, temperature=0,
+                                        logit_bias=NO_EOS, stop=[full[cut:cut + 2]]).choices[0]
+    assert (stopped.text, stopped.finish_reason) == (full[:cut], "stop")
+    streamed = client.completions.create(model=DEMO.name, prompt=PROMPT, max_tokens=30, temperature=0,
+                                         logit_bias=NO_EOS, stop=full[cut:cut + 2], stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == full[:cut]
+
+    def sampled(seed):
+        return client.completions.create(model=DEMO.name, prompt=PROMPT, max_tokens=20, temperature=1.5, top_p=0.95,
+                                         seed=seed, logit_bias=NO_EOS, presence_penalty=0.5, frequency_penalty=0.5,
+                                         extra_body={"top_k": 50, "repetition_penalty": 1.1}).choices[0].text
+
+    assert sampled(7) == sampled(7) != sampled(8)
 
 
-def test_seeded_sampling_repeats(port):
-    first, second = (complete(port, max_tokens=8, temperature=1.0, top_p=0.9, top_k=20, seed=7) for _ in range(2))
-    assert first["choices"][0]["text"] == second["choices"][0]["text"]
+# ---- bad requests ---------------------------------------------------------------------------
 
-
-def test_batch_of_prompts(port):
-    reply = complete(port, prompt=[PROMPT, "1 + 1 ="], max_tokens=4)
-    assert [c["index"] for c in reply["choices"]] == [0, 1]
-
-
-# (body, status, words the error message must contain)
-BAD_REQUESTS = [
-    (b"{not json", 400, "not valid JSON"),
-    (b"[1, 2]", 400, "must be a JSON object"),
-    ({"max_tokens": 4}, 400, "prompt: required"),
-    ({"prompt": PROMPT, "max_tokens": "ten"}, 400, "max_tokens: expected int, got str"),
-    ({"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens: must be at least 1"),
-    ({"prompt": PROMPT, "max_tokens": True}, 400, "max_tokens: expected int, got bool"),
-    ({"prompt": PROMPT, "temperature": -1}, 400, "temperature: must be 0 or more"),
-    ({"prompt": PROMPT, "top_p": 0}, 400, "top_p: must be in (0, 1]"),
-    ({"prompt": PROMPT, "stop": [1]}, 400, "stop: expected a string or a list of strings"),
-    ({"prompt": PROMPT, "n": 2}, 400, "n: must be 1"),
-    ({"prompt": [PROMPT, PROMPT], "stream": True}, 400, "streaming takes one prompt"),
-    ({"prompt": [{"a": 1}]}, 400, "prompt: expected a string, a list of token ids"),
-    ({"prompt": PROMPT, "max_tokens": 10 ** 7}, 400, "exceeds the model's"),
-    ({"prompt": PROMPT, "model": "gpt-4"}, 404, "model 'gpt-4' does not exist"),
+# (body, status, the `param` named, words of the message)
+BAD_BODIES = [
+    (b"{not json", 400, None, "not valid JSON"),
+    (b"[1, 2]", 400, None, "must be a JSON object"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, None, "nested too deeply"),
+    (b'{"prompt": "a", "temperature": NaN}', 400, None, "NaN is not a JSON number"),
+    (b'{"prompt": "a", "top_p": Infinity}', 400, None, "Infinity is not a JSON number"),
+    ({"max_tokens": 4}, 400, "prompt", "required"),
+    ({"prompt": PROMPT, "max_tokens": "ten"}, 400, "max_tokens", "valid integer"),
+    ({"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ({"prompt": PROMPT, "max_tokens": True}, 400, "max_tokens", "valid integer"),
+    ({"prompt": PROMPT, "max_tokens": 10 ** 7}, 400, "max_tokens", "exceeds a slot's 512 tokens"),
+    ({"prompt": PROMPT, "temperature": -1}, 400, "temperature", "greater than or equal to 0"),
+    ({"prompt": PROMPT, "temperature": 1e400}, 400, None, "not valid JSON"),
+    ({"prompt": PROMPT, "top_p": 0}, 400, "top_p", "greater than 0"),
+    ({"prompt": PROMPT, "seed": -1}, 400, "seed", "greater than or equal to 0"),
+    ({"prompt": PROMPT, "seed": 2 ** 70}, 400, "seed", "less than or equal to"),
+    ({"prompt": PROMPT, "stop": [1]}, 400, "stop", "a list of at most 16 strings"),
+    ({"prompt": PROMPT, "n": 2}, 400, "n", "Input should be 1"),
+    ({"prompt": PROMPT, "best_of": 3}, 400, "best_of", "Input should be 1"),
+    ({"prompt": PROMPT, "suffix": "x"}, 400, "suffix", "None"),
+    ({"prompt": PROMPT, "logprobs": 9}, 400, "logprobs", "less than or equal to 5"),
+    ({"prompt": PROMPT, "logit_bias": {"x": 1}}, 400, "logit_bias", "token id"),
+    ({"prompt": PROMPT, "logit_bias": {"5000": 1}}, 400, "logit_bias", "outside the vocabulary"),
+    ({"prompt": PROMPT, "tools": []}, 400, "tools", "not supported"),
+    ({"prompt": [PROMPT, PROMPT], "stream": True}, 400, "prompt", "streaming takes one prompt"),
+    ({"prompt": [{"a": 1}]}, 400, "prompt", "a list of token ids"),
+    ({"prompt": 5}, 400, "prompt", "a list of token ids"),
+    ({"prompt": {"a": "b"}}, 400, "prompt", "a list of token ids"),
+    ({"prompt": PROMPT, "logit_bias": {"\u00b2": 1}}, 400, "logit_bias", "token id"),
+    ({"prompt": [5, 99999]}, 400, "prompt", "outside the vocabulary"),
+    ({"prompt": PROMPT, "model": "gpt-4"}, 404, "model", "model 'gpt-4' does not exist"),
 ]
 
 
-@pytest.mark.parametrize("body,status,message", BAD_REQUESTS, ids=[m for _, _, m in BAD_REQUESTS])
-def test_bad_request_gets_a_json_4xx_and_the_server_keeps_serving(port, body, status, message):
-    got, headers, raw = call(port, "POST", "/v1/completions", body)
-    assert got == status and headers["Content-Type"] == "application/json"
-    error = json.loads(raw)["error"]
-    assert message in error["message"] and error["type"] == "invalid_request_error"
-    assert complete(port, max_tokens=1)["choices"]
+@pytest.mark.parametrize("body,status,param,message", BAD_BODIES, ids=[m for *_, m in BAD_BODIES])
+def test_a_bad_body_gets_a_json_4xx_naming_the_field(server, body, status, param, message):
+    got, error = json_error(raw(server.port, post(body)))
+    assert (got, error["param"]) == (status, param) and message in error["message"], error
+    assert error["type"] == "invalid_request_error"
+    assert healthy(server.port)
 
 
-def test_unknown_routes_are_404(port):
-    assert call(port, "GET", "/v1/chat")[0] == 404
-    assert call(port, "POST", "/v1/chat/completions", {"messages": []})[0] == 404
+BAD_CHATS = [
+    ({"messages": []}, "messages", "at least 1 item"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", "'system', 'developer', 'user'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content",
+     "text only"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs", "needs logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs",
+     "less than or equal to 20"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+     "response_format", "not supported"),
+]
 
 
-def test_concurrent_requests_are_served_one_at_a_time(port):
-    with ThreadPoolExecutor(3) as pool:
-        texts = list(pool.map(lambda _: complete(port, max_tokens=6)["choices"][0]["text"], range(3)))
-    assert len(set(texts)) == 1
+@pytest.mark.parametrize("body,param,message", BAD_CHATS, ids=[p for _, p, _ in BAD_CHATS])
+def test_a_bad_chat_gets_a_400_naming_the_field(server, body, param, message):
+    got, error = json_error(raw(server.port, post(body, "/v1/chat/completions")))
+    assert (got, error["param"]) == (400, param) and message in error["message"], error
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}", 400),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}", 400),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 300000000\r\n\r\n{}", 413),
+    (post(b"x" * (2 << 20)), 413),
+    (b"GET /v1/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404),
+    (b"DELETE /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
+], ids=["length -1", "length abc", "length 300 MB", "body 2 MiB", "no route", "wrong method"])
+def test_malformed_http_gets_a_json_4xx(server, request_bytes, status):
+    got, error = json_error(raw(server.port, request_bytes, read_s=10))
+    assert got == status and error["message"]
+    assert healthy(server.port)
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="smoke_test.sh uses curl")
-def test_deploy_smoke_test_script_passes_against_serve(port, tmp_path):
+def test_deploy_smoke_test_script_passes_against_serve(server, tmp_path):
     script = tmp_path / "smoke_test.sh"
-    script.write_text(deploy.smoke_test_script(port, DEMO.name))
+    script.write_text(deploy.smoke_test_script(server.port, DEMO.name))
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=TIMEOUT_S,
                           env={"PATH": "/usr/bin:/bin", "TIMEOUT": "10"})
     assert done.returncode == 0, done.stderr
     assert "smoke test passed" in done.stdout
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
-def test_cli_serve_subprocess_answers_and_stops(predictor, stop):
-    """The `ernie-paddle serve` command itself: load, listen on a free port, answer, stop on SIGINT
-    (Ctrl-C) or SIGTERM (kill), also when started as a shell's background job (SIGINT ignored)."""
-    proc = subprocess.Popen([sys.executable, "-m", "ernie_paddle", "serve", "--model", str(DEMO), "--port", "0",
-                             "--device", "cpu"], stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+# ---- batching -------------------------------------------------------------------------------
+
+
+def test_32_concurrent_clients_each_get_what_they_get_alone(random_model):
+    """Token-id prompts of 1-15 tokens, 1-45 new tokens each, in 8 slots of 64 tokens (so the KV
+    cache is also compacted on the way); against ErniePredictor.generate on each alone."""
+    from ernie_paddle import ErniePredictor
+
+    rnd = np.random.default_rng(0)
+    work = [([int(t) for t in rnd.integers(3, 400, rnd.integers(1, 16))], int(rnd.integers(1, 46)))
+            for _ in range(32)]
+    server = ServerProcess(random_model, "--max-num-seqs", 8, "--max-model-len", 64)
     try:
-        deadline, seen = time.monotonic() + TIMEOUT_S, ""
-        while not (match := re.search(r"on http://127\.0\.0\.1:(\d+)", seen)):
-            assert time.monotonic() < deadline and proc.poll() is None, seen
-            if select.select([proc.stderr], [], [], 1)[0]:
-                seen += proc.stderr.readline()
-        port = int(match.group(1))
-        assert call(port, "GET", "/health")[0] == 200
-        assert complete(port, max_tokens=2)["usage"]["completion_tokens"] <= 2
-        proc.send_signal(stop)
-        assert proc.wait(TIMEOUT_S) == 0
+        client = server.client()
+
+        def ask(job):
+            ids, max_tokens = job
+            return client.completions.create(model=random_model.name, prompt=ids, max_tokens=max_tokens,
+                                             temperature=0).choices[0]
+
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(ask, work))
+        chat = [{"role": "user", "content": "the lazy dog"}]
+        reply = client.chat.completions.create(model=random_model.name, messages=chat, max_tokens=8, temperature=0)
+        assert metric(server.port, 'ernie_requests_total{outcome="length"}') + \
+            metric(server.port, 'ernie_requests_total{outcome="stop"}') == 33
     finally:
-        proc.kill()
-        proc.wait(TIMEOUT_S)
+        assert server.stop() == 0, server.log
+    predictor = ErniePredictor.from_pretrained(random_model, device="cpu", dtype="float32", progress=False)
+    for (ids, max_tokens), answer in zip(work, answers):
+        [expected] = predictor.generate([ids], max_new_tokens=max_tokens)
+        assert (answer.text, answer.finish_reason) == (expected.text, expected.finish_reason)
+    rendered = "[user] the lazy dog\n[assistant] "  # the tokenizer_config.json template
+    assert reply.choices[0].message.content == predictor.generate([rendered], max_new_tokens=8)[0].text
+
+
+# ---- limits: slots, queue, disconnects, API key, time ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_slot():
+    server = ServerProcess(DEMO, "--max-num-seqs", 1, "--max-queue", 1, "--request-timeout", 2, "--api-key", "k3y",
+                           "--max-tokens", 500)
+    yield server
+    assert server.stop() == 0, server.log
+
+
+KEY = {"Authorization": "Bearer k3y"}
+
+
+def long_stream(port) -> socket.socket:
+    """A connection streaming a long generation, its first event read."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 500, "logit_bias": NO_EOS, "stream": True}).encode()
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k3y\r\nContent-Length: "
+                 f"{len(body)}\r\n\r\n".encode() + body)
+    got = b""
+    while b"data: " not in got:
+        got += sock.recv(1 << 16)
+    return sock
+
+
+def until(condition, seconds: float) -> float:
+    """Seconds until `condition()` held (fails after `seconds`)."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < seconds
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def test_api_key_on_every_route_but_health(one_slot):
+    assert healthy(one_slot.port)
+    for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions")]:
+        status, _, body = call(one_slot.port, method, path, {"prompt": "x"})
+        assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        one_slot.client(api_key="wrong").models.list()
+    assert one_slot.client(api_key="k3y").completions.create(model=DEMO.name, prompt=PROMPT, max_tokens=2).usage
+
+
+def test_max_tokens_cap(one_slot):
+    status, _, body = call(one_slot.port, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 501}, KEY)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "max_tokens" and "limit of 500 (--max-tokens)" in error["message"]
+
+
+def test_a_client_that_disconnects_frees_its_slot(one_slot):
+    running = f"ernie_running_requests"
+    for streaming in (True, False):
+        if streaming:
+            sock = long_stream(one_slot.port)
+        else:
+            sock = socket.create_connection(("127.0.0.1", one_slot.port))
+            sock.sendall(post({"prompt": PROMPT, "max_tokens": 500, "logit_bias": NO_EOS}).replace(
+                b"Host: x\r\n", b"Host: x\r\nAuthorization: Bearer k3y\r\n"))
+        until(lambda: metric_with_key(one_slot.port, running) == 1, 10)
+        sock.close()
+        until(lambda: metric_with_key(one_slot.port, running) == 0, 1)  # a step is milliseconds
+    start = time.monotonic()
+    one_slot.client(api_key="k3y").completions.create(model=DEMO.name, prompt=PROMPT, max_tokens=1)
+    assert time.monotonic() - start < 2
+    assert metric_with_key(one_slot.port, 'ernie_requests_total{outcome="cancelled"}') == 2
+
+
+def metric_with_key(port, name):
+    text = call(port, "GET", "/metrics", headers=KEY)[2].decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_full_queue_answers_503_with_retry_after(one_slot):
+    holder, waiter = long_stream(one_slot.port), None
+    try:
+        waiter = socket.create_connection(("127.0.0.1", one_slot.port))
+        waiter.sendall(post({"prompt": PROMPT, "max_tokens": 2}).replace(b"Host: x\r\n",
+                                                                         b"Host: x\r\nAuthorization: Bearer k3y\r\n"))
+        until(lambda: metric_with_key(one_slot.port, "ernie_queue_length") == 1, 10)
+        status, headers, body = call(one_slot.port, "POST", "/v1/completions", {"prompt": PROMPT}, KEY)
+        assert status == 503 and headers["retry-after"] == "1" and "busy" in json.loads(body)["error"]["message"]
+    finally:
+        holder.close()
+        if waiter:
+            waiter.close()
+    until(lambda: metric_with_key(one_slot.port, "ernie_running_requests") == 0, 5)
+
+
+def test_a_body_shorter_than_announced_gets_408(one_slot):
+    start = time.monotonic()
+    response = raw(one_slot.port, post(b'{"prompt"', length=100).replace(b"Host: x\r\n",
+                                                                        b"Host: x\r\nAuthorization: Bearer k3y\r\n"))
+    status, error = json_error(response)
+    assert status == 408 and "did not arrive within 2" in error["message"] and time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_during_generation_ends_the_stream_and_exits_0(stop):
+    """Also when started as a shell's background job (SIGINT ignored)."""
+    server = ServerProcess(DEMO, "--max-num-seqs", 2, "--api-key", "k3y", ignore_sigint=True)
+    try:
+        sock = long_stream(server.port)
+        server.proc.send_signal(stop)
+        rest = b""
+        while chunk := sock.recv(1 << 16):
+            rest += chunk
+        assert b"shutting down" in rest or b'"finish_reason": "length"' in rest
+        assert server.proc.wait(TIMEOUT_S) == 0, server.log
+        assert "Traceback" not in server.log
+    finally:
+        server.proc.kill()

@@ -99,8 +99,10 @@ def kind(data: dict) -> str:
         return "bench_vs_llamacpp"
     if "rows" in data and "weight_bytes" in data:
         return "bench"
+    if data.get("tool") == "bench_serve":
+        return "bench_serve"
     raise ValueError(f"unknown results JSON (keys {sorted(data)[:8]}); expected what ernie-paddle check/bench, "
-                     "bench_vs_transformers.py, bench_moe.py or bench_vs_llamacpp.py write")
+                     "bench_vs_transformers.py, bench_moe.py, bench_vs_llamacpp.py or bench_serve.py write")
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -240,9 +242,32 @@ def bench_moe_full_table(data: dict, view: str) -> list[str]:
                    f"{run['weight_bytes'] / 1e9:.2f}", f"{run['peak_rss_bytes'] / 1e9:.2f}", f"{run['decode_tps']:.2f}"]])
 
 
+def bench_serve_table(data: dict, view: str) -> list[str]:
+    systems = [system for system in data["rounds"][0] if system != "generate"]
+    rows = []
+    for i, figures in enumerate(data["rounds"], 1):
+        generate = figures["generate"]["tokens_per_s"]
+        for system in systems:
+            s = figures[system]
+            eight, one = s["tokens_per_s_8"], s["tokens_per_s_1"]
+            rows.append([i, system, f"{eight:.1f}", f"{one:.1f}", f"{eight / one:.2f}x",
+                         f"{eight / generate:.2f}x" if system.startswith("ernie-paddle") else "",
+                         f"{s['ttft_p99_busy'] * 1e3:.0f}", f"{s['ttft_p99_idle'] * 1e3:.0f}",
+                         f"{s['ttft_p99_busy'] / s['ttft_p99_idle']:.2f}x"])
+        rows.append([i, "ErniePredictor.generate, the 8 prompts as one batch", f"{generate:.1f}", "", "", "", "", "",
+                     ""])
+    return table(["round", "system", "8 clients (tok/s)", "1 client (tok/s)", "8 / 1", "8 clients / generate",
+                  "TTFT p99, 7 decoding (ms)", "TTFT p99, idle (ms)", "busy / idle"], rows) + [
+        "", f"Streaming clients of tools/load_test.py, greedy, {data['max_tokens']} new tokens each (EOS "
+            f"suppressed), prompt {data['prompt']!r}; TTFT p99 of {data['probes']} one-token requests sent one after "
+            "another" + (f"; vLLM computes in {data['vllm_dtype']} on every core" if data.get("vllm_dtype") else "")
+        + ". Each measurement starts on an idle CPU; every round is shown."]
+
+
 RENDERERS = {"check": check_table, "bench": bench_table, "bench_vs_transformers": bench_vs_transformers_table,
              "bench_moe": bench_moe_table, "bench_moe_full": bench_moe_full_table,
-             "bench_vs_llamacpp": bench_vs_llamacpp_table, "kl_vs_llamacpp": kl_vs_llamacpp_table}
+             "bench_vs_llamacpp": bench_vs_llamacpp_table, "kl_vs_llamacpp": kl_vs_llamacpp_table,
+             "bench_serve": bench_serve_table}
 
 
 def provenance(results: dict, link: str) -> str:
