@@ -1,4 +1,5 @@
-"""The CPU operators of csrc/ (the decoding matmul and its MoE form, attention, swiglu and RMSNorm) as Paddle custom operators: built
+"""The CPU operators of csrc/ (the decoding matmul and its MoE form, attention, swiglu, RMSNorm, and a whole
+decoder layer chaining them) as Paddle custom operators: built
 once per machine with Paddle's own extension builder, cached, and loaded in milliseconds afterwards.
 The same library has the transposing copy that loads -Paddle checkpoints and the quantizer of quant.py,
 plain C functions, and the weight-only int8 / int4 matmul (csrc/quant.h has its layout).
@@ -109,9 +110,7 @@ def attention(qkv, cos, sin, keys, values, mask, start: int, heads: int, scale: 
     """Causal attention of T new tokens over the KV cache (csrc/cpu_attention.cc says what it takes);
     writes their keys and values into `keys` and `values` at `start`; returns [B, T, heads * D].
     After `available()`."""
-    if not (keys.is_contiguous() and values.is_contiguous()):
-        # Paddle hands a custom op a contiguous copy of a view: the new keys would be written there.
-        raise ValueError("cpu_ops.attention: the KV cache must be contiguous tensors, not views")
+    _check_cache(keys, values, "attention")
     return _run_custom_op("ernie_cpu_attention", qkv, cos, sin, keys, values, mask, start, heads, scale,
                           cpu_threads())[0]
 
@@ -121,12 +120,17 @@ def decoder_layer(x, input_norm, qkv, o, cos, sin, keys, values, mask, start: in
     """A decoder layer in one operator (csrc/cpu_decoder.cc): x + the attention over the KV cache (written in
     place, as `attention` does), then, given mlp = (post_norm, up_gate, down), + the MLP. Weight matrices
     are float32 / bfloat16 tensors or packed ones (with `data` and `scales`). After `available()`."""
-    if not (keys.is_contiguous() and values.is_contiguous()):
-        raise ValueError("cpu_ops.decoder_layer: the KV cache must be contiguous tensors, not views")
+    _check_cache(keys, values, "decoder_layer")
     post_norm, up_gate, down = mlp or (_empty(), _empty(), _empty())
     return _run_custom_op("ernie_cpu_decoder_layer", x, input_norm, *_matrix(qkv), *_matrix(o), cos, sin, keys, values,
                           mask, post_norm, *_matrix(up_gate), *_matrix(down), start, heads, scale, eps,
                           cpu_threads())[0]
+
+
+def _check_cache(keys, values, op: str):
+    if not (keys.is_contiguous() and values.is_contiguous()):
+        # Paddle hands a custom op a contiguous copy of a view: the new keys would be written there.
+        raise ValueError(f"cpu_ops.{op}: the KV cache must be contiguous tensors, not views")
 
 
 def _matrix(w) -> tuple:
