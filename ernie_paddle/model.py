@@ -47,9 +47,9 @@ class Packed(nn.Layer):
         super().__init__()
         *lead, n, self.k = shape
         padded = -(-self.k // quant.GROUP) * quant.GROUP
-        eight = quant.FORMATS[format] == 8
+        bits = quant.FORMATS[format]
         self.format = format
-        self.data = _weight([*lead, n, padded if eight else padded // 2], "int8" if eight else "uint8")
+        self.data = _weight([*lead, n, padded * bits // 8], "int8" if bits == 8 else "uint8")
         self.scales = _weight([*lead, n, padded // quant.GROUP], "float16")
 
     @property
@@ -357,7 +357,7 @@ class ErnieForCausalLM(nn.Layer):
         weight_dtype = weight_dtype or dtype
         self.config = config
         self.dtype_name, self.weight_dtype = dtype, weight_dtype
-        head_dtype = quant.HEAD_FORMAT.get(weight_dtype, weight_dtype)  # wint4 models keep a wint8 head
+        head_dtype = quant.HEAD_FORMAT.get(weight_dtype, weight_dtype)  # wint4 models: a wint6 head
         self.ernie = nn.Layer()
         self.ernie.embed_tokens = _weight([config.vocab_size, config.hidden_size], head_dtype)
         self.ernie.layers = nn.LayerList([DecoderLayer(config, dtype, weight_dtype, i)

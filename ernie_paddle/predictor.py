@@ -184,7 +184,7 @@ def resolve_weight_dtype(requested: str, place: str, dtype: str, ckpt: Checkpoin
     """How the weight matrices are held for `from_pretrained(weight_dtype=requested, quantization=...)`:
     a dtype, or "wint8" / "wint4"."""
     if quantization is not None:
-        if quantization not in quant.FORMATS:
+        if quantization not in quant.QUANTIZATIONS:
             raise ErnieError(f"--quantization {quantization}: choose wint8 or wint4 (or leave it out)")
         if requested not in (None, "auto"):
             raise ErnieError(f"--weight-dtype {requested} with --quantization {quantization}: give one of the two")

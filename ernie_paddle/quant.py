@@ -1,17 +1,19 @@
 """Weight-only quantization of weight matrices for CPU decoding, in FastDeploy's names: "wint8" (8-bit
-integers) and "wint4" (4-bit), each with one float16 scale per group of GROUP weights along K.
+integers) and "wint4" (4-bit), each with one float16 scale per group of GROUP weights along K; and
+"wint6" (6-bit, the lm_head of wint4 models).
 
 A float32 (or bf16) matrix W [N, K], as the model holds a Linear weight, packs into
 - data: wint8 int8 [N, Kp], a 32-weight block of a row 32 bytes; wint4 uint8 [N, Kp / 2], a block 16
   bytes, byte j holding weight j of the block in its low nibble and weight 16 + j in its high one,
-  as q + 8;
+  as q + 8; wint6 uint8 [N, 3 Kp / 4], a block 24 bytes: q + 32's low 4 bits as wint4's nibbles, then
+  8 bytes of its top 2 bits (csrc/quant.h: block_weight);
 - scales: float16 [N, Kp / GROUP];
 with K padded by zero weights to Kp, a multiple of the group, W[n, k] = q * scales[n, k // GROUP], and
 the rows interleaved in groups of 8 for the kernel (all but the last N % 8) as csrc/quant.h details:
 row n is not data[n]; dequantize_rows() gives rows.
 wint8 takes s = max|w| / 127 in each group and q = rint(w / s) in -127..127 (llama.cpp's Q8_0);
 wint4 takes s = -w_m / 8 for the w_m of largest magnitude, so that it maps to -8 exactly, and
-q = clip(rint(w / s), -8, 7) (llama.cpp's Q4_0). s is rounded to float16 before q is computed.
+q = clip(rint(w / s), -8, 7) (llama.cpp's Q4_0); wint6 the same with 32 for 8. s is rounded to float16 before q is computed.
 
 csrc/cpu_quant.cc computes the same in C++ (the 0.3B model quantizes in about a second); the numpy
 code here is the definition, and runs where the CPU operators are not loaded.
@@ -25,7 +27,8 @@ import numpy as np
 
 from . import cpu_ops
 
-FORMATS = {"wint8": 8, "wint4": 4}
+FORMATS = {"wint8": 8, "wint6": 6, "wint4": 4}
+QUANTIZATIONS = ("wint8", "wint4")  # what a user asks for; wint6 holds the lm_head of wint4 models
 # Weights per scale: 32, as llama.cpp. Measured against 64 and 128: the matmul at 1 row took the same
 # time per pass over the 0.3B matrices (within 4%, one Zen 3 core: the kernel is bound by its per-block
 # work, which does not change), while the KL of a wint4 model to float32 rose 1.1x and 2x (demo model).
@@ -35,19 +38,27 @@ GROUP = 32
 # The lm_head's format under each (the tied embedding of the small models, so also the table its rows are
 # looked up in, with dequantize_rows). At 4 bits it gave 20x the KL of the whole wint4 model with a
 # wint8 one (0.0017 against 0.00008 on the demo model, where a bf16 one gives 0.00008 too); llama.cpp's
-# Q4_0 keeps it at Q6_K. At 8 bits it reads half the bf16 bytes: the 0.3B model's 103424 x 1024 lm_head
-# is 30% of its weights.
-HEAD_FORMAT = {"wint8": "wint8", "wint4": "wint8"}
+# Q4_0 keeps it at Q6_K (6.56 bits a weight), wint6 is 6.5: the 0.3B model's 103424 x 1024 lm_head
+# is 30% of its weights, and at 8 bits it was half of a wint4 decoding step's bytes.
+HEAD_FORMAT = {"wint8": "wint8", "wint4": "wint6"}
 
 
 class Quantized(NamedTuple):
-    data: np.ndarray    # int8 [N, Kp] (wint8) or uint8 [N, Kp / 2] (wint4)
+    data: np.ndarray    # int8 [N, Kp] (wint8) or uint8 [N, Kp / 2] (wint4), [N, 3 Kp / 4] (wint6)
     scales: np.ndarray  # float16 [N, Kp / group]
     k: int              # the columns of the matrix before padding
 
     @property
     def format(self) -> str:
-        return "wint8" if self.data.dtype == np.int8 else "wint4"
+        return format_of(self.data, self.scales)
+
+
+def format_of(data, scales) -> str:
+    """The format of packed data and scales (arrays or tensors): wint6 is the uint8 one with 24 bytes a
+    scale (its group is 32, wint4's 32 or more give 16 or a multiple of 16)."""
+    if str(data.dtype).endswith("int8") and not str(data.dtype).endswith("uint8"):
+        return "wint8"
+    return "wint6" if data.shape[-1] == 24 * scales.shape[-1] else "wint4"
 
 
 def quantize(w: np.ndarray, format: str, group: int = GROUP, out: tuple[np.ndarray, np.ndarray] | None = None) -> Quantized:
@@ -58,12 +69,12 @@ def quantize(w: np.ndarray, format: str, group: int = GROUP, out: tuple[np.ndarr
     multiple of 8 and b one too or N, pack into rows a:b of the whole matrix's data and scales."""
     if format not in FORMATS:
         raise ValueError(f"unknown quantization {format!r}: use one of {', '.join(FORMATS)}")
-    if group <= 0 or group % 32:
-        raise ValueError(f"the quantization group must be a positive multiple of 32, not {group}")
+    if group <= 0 or group % 32 or (format == "wint6" and group != 32):
+        raise ValueError(f"the quantization group must be a positive multiple of 32 (for wint6, 32), not {group}")
     bits = FORMATS[format]
     n, k = w.shape
     kp = -(-k // group) * group
-    shapes = (n, kp if bits == 8 else kp // 2), (n, kp // group)
+    shapes = (n, kp * bits // 8), (n, kp // group)
     if out is None:
         data, scales = np.empty(shapes[0], np.int8 if bits == 8 else np.uint8), np.empty(shapes[1], np.float16)
     else:
@@ -99,11 +110,19 @@ def dequantize_rows(q: Quantized, ids: np.ndarray) -> np.ndarray:
 
 def _dequantize_plain(data: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
     n, groups = scales.shape
-    if data.dtype == np.int8:
+    format = format_of(data, scales)
+    if format == "wint8":
         values = data.astype(np.float32)
-    else:
+    elif format == "wint4":
         chunks = data.reshape(n, -1, 1, 16)
         values = np.concatenate([chunks & 15, chunks >> 4], axis=2).reshape(n, -1).astype(np.int8) - 8
+    else:
+        blocks = data.reshape(n, -1, 24)
+        nibbles = np.stack([blocks[..., :16] & 15, blocks[..., :16] >> 4], axis=2)  # [n, blocks, half, 16]
+        top = blocks[..., 16:].reshape(n, -1, 1, 1, 2, 4)  # [.., c % 2, j % 4] of nibble j, c = j // 4
+        shifts = (4 * np.arange(2)[None, :] + 2 * np.arange(2)[:, None]).astype(np.uint8)  # [half, c // 2]
+        top = (top >> shifts[..., None, None]) & 3  # [n, blocks, half, c // 2, c % 2, j % 4]
+        values = (nibbles | top.reshape(n, -1, 2, 16) << 4).reshape(n, -1).astype(np.int8) - 32
     w = values.reshape(n, groups, -1).astype(np.float32) * scales.astype(np.float32)[..., None]
     return w.reshape(n, -1)[:, :k]
 
@@ -114,19 +133,26 @@ def _quantize_numpy(w: np.ndarray, bits: int, group: int, kp: int) -> tuple[np.n
     values = np.zeros((n, kp), np.float32)
     values[:, :k] = w.view(np.float32) if w.dtype == np.uint32 else w
     values = values.reshape(n, kp // group, group)
+    levels = 127 if bits == 8 else 1 << (bits - 1)  # q's most negative value: -levels
     if bits == 8:
-        scales = (np.abs(values).max(axis=2) / np.float32(127)).astype(np.float16)
+        scales = (np.abs(values).max(axis=2) / np.float32(levels)).astype(np.float16)
     else:
         extreme = np.take_along_axis(values, np.abs(values).argmax(axis=2)[..., None], axis=2)[..., 0]
-        scales = (extreme / np.float32(-8)).astype(np.float16)
+        scales = (extreme / np.float32(-levels)).astype(np.float16)
     s = scales.astype(np.float32)
     inverse = np.divide(np.float32(1), s, out=np.zeros_like(s), where=s != 0)
-    lo, hi = (-127, 127) if bits == 8 else (-8, 7)
-    q = np.clip(np.rint(values * inverse[..., None]), lo, hi).astype(np.int8).reshape(n, kp)
+    hi = levels if bits == 8 else levels - 1
+    q = np.clip(np.rint(values * inverse[..., None]), -levels, hi).astype(np.int8).reshape(n, kp)
     if bits == 8:
         return _interleave(q), _interleave(scales)
-    nibbles = (q + 8).astype(np.uint8).reshape(n, -1, 2, 16)
-    return _interleave((nibbles[:, :, 0] | nibbles[:, :, 1] << 4).reshape(n, -1)), _interleave(scales)
+    unsigned = (q + levels).astype(np.uint8).reshape(n, -1, 2, 16)  # [n, blocks, half, j]
+    nibbles = (unsigned[:, :, 0] & 15) | (unsigned[:, :, 1] & 15) << 4
+    if bits == 4:
+        return _interleave(nibbles.reshape(n, -1)), _interleave(scales)
+    top = (unsigned >> 4).reshape(n, -1, 2, 2, 2, 4)  # [n, blocks, half, c // 2, c % 2, j % 4]
+    shifts = (4 * np.arange(2)[None, :] + 2 * np.arange(2)[:, None]).astype(np.uint8)  # [half, c // 2]
+    top = (top << shifts[..., None, None]).sum(axis=(2, 3), dtype=np.uint8)  # [n, blocks, c % 2, j % 4]
+    return _interleave(np.concatenate([nibbles, top.reshape(n, -1, 8)], axis=2).reshape(n, -1)), _interleave(scales)
 
 
 def _interleave(a: np.ndarray, inverse: bool = False) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Weight-only wint8 / wint4 (ernie_paddle/quant.py, csrc/quant.h, csrc/cpu_quant.cc): the packed layout
+"""Weight-only wint8 / wint6 / wint4 (ernie_paddle/quant.py, csrc/quant.h, csrc/cpu_quant.cc): the packed layout
 round-trips within each group's step, the C++ quantizer gives numpy's bytes, and the matmul equals a
 numpy float64 reference of its integer arithmetic (x rounded to int8 per 32 values) for 1 to 32 rows,
 odd K and N; also in a build forced to AVX2."""
@@ -48,7 +48,7 @@ def reference(x: np.ndarray, q: quant.Quantized) -> np.ndarray:
 
 
 @pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("format", ["wint8", "wint4"])
+@pytest.mark.parametrize("format", ["wint8", "wint6", "wint4"])
 def test_quantize_then_dequantize_is_within_each_groups_step(format, native, monkeypatch):
     if native and not cpu_ops.available():
         pytest.skip("the CPU operators could not be built here")
@@ -56,7 +56,7 @@ def test_quantize_then_dequantize_is_within_each_groups_step(format, native, mon
         monkeypatch.setattr(cpu_ops, "_quantize", None)
     w = spread_weights(37, 1000, 0)
     q = quant.quantize(w, format)
-    assert q.data.shape == ((37, 1024) if format == "wint8" else (37, 512)) and q.scales.shape == (37, 32)
+    assert q.data.shape == (37, 1024 * quant.FORMATS[format] // 8) and q.scales.shape == (37, 32)
     back = quant.dequantize(q)
     assert back.shape == w.shape and back.dtype == np.float32
     step = np.repeat(np.abs(quant._interleave(q.scales, inverse=True).astype(np.float32)), 32, axis=1)[:, :1000]
@@ -64,14 +64,14 @@ def test_quantize_then_dequantize_is_within_each_groups_step(format, native, mon
     slack = 1e-6 * np.abs(w)
     if format == "wint8":
         assert (error <= step / 2 + slack).all()
-    else:  # rounding within half a step, but the side opposite the largest weight ends at 7, not 8, steps
+    else:  # rounding within half a step, but the side opposite the largest weight ends at 7 (31), not 8 (32), steps
         assert (error <= step + slack).all()
         assert (error <= step / 2 + slack).mean() > 0.99
     assert np.abs(back - w).max() > 0  # it did quantize
 
 
 @needs_ops
-@pytest.mark.parametrize("format", ["wint8", "wint4"])
+@pytest.mark.parametrize("format", ["wint8", "wint6", "wint4"])
 def test_the_cpp_quantizer_writes_numpys_bytes(format):
     """From float32, from bf16 bits (uint16, as checkpoints load) and from a transposed view (a -Paddle
     [in, out] matrix); an all-zero group; the dequantize operator gives numpy's floats."""
@@ -81,7 +81,7 @@ def test_the_cpp_quantizer_writes_numpys_bytes(format):
     cases = [w, bf16_bits, np.ascontiguousarray(w.T).T]
     for src in cases:
         got = quant.quantize(src, format)
-        kp = got.data.shape[1] * (1 if format == "wint8" else 2)
+        kp = got.data.shape[1] * 8 // quant.FORMATS[format]
         data, scales = quant._quantize_numpy(src, quant.FORMATS[format], quant.GROUP, kp)
         assert np.array_equal(got.data, data) and np.array_equal(got.scales, scales)
         widened = cpu_ops.dequantize(paddle.to_tensor(got.data), paddle.to_tensor(got.scales), got.k).numpy()
@@ -90,7 +90,7 @@ def test_the_cpp_quantizer_writes_numpys_bytes(format):
 
 @needs_ops
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("format", ["wint8", "wint4"])
+@pytest.mark.parametrize("format", ["wint8", "wint6", "wint4"])
 @pytest.mark.parametrize("rows,k,n", SHAPES)
 def test_matmul_matches_its_integer_arithmetic(rows, k, n, format, threads):
     rng = np.random.default_rng(rows * 1000 + k + n)
@@ -107,7 +107,7 @@ def test_matmul_matches_its_integer_arithmetic(rows, k, n, format, threads):
 
 
 @needs_ops
-@pytest.mark.parametrize("format", ["wint8", "wint4"])
+@pytest.mark.parametrize("format", ["wint8", "wint6", "wint4"])
 def test_a_row_gets_the_same_bits_alone_and_in_a_batch(format):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((11, 300)).astype(np.float32)
@@ -128,10 +128,12 @@ def test_a_mismatched_k_is_one_clear_error():
 
 
 def test_unknown_formats_and_groups_are_refused():
-    with pytest.raises(ValueError, match="unknown quantization 'int4': use one of wint8, wint4"):
+    with pytest.raises(ValueError, match="unknown quantization 'int4': use one of wint8, wint6, wint4"):
         quant.quantize(np.ones((2, 32), np.float32), "int4")
     with pytest.raises(ValueError, match="multiple of 32"):
         quant.quantize(np.ones((2, 32), np.float32), "wint8", group=48)
+    with pytest.raises(ValueError, match="for wint6, 32"):
+        quant.quantize(np.ones((2, 64), np.float32), "wint6", group=64)
 
 
 CHILD = """
@@ -141,7 +143,7 @@ from ernie_paddle import cpu_ops, device, quant
 paddle = device.import_paddle()
 assert cpu_ops.available(), "the forced build failed"
 out = {"key": cpu_ops._build_key()}
-for format in ("wint8", "wint4"):
+for format in ("wint8", "wint6", "wint4"):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((9, 1000)).astype(np.float32)
     q = quant.quantize(rng.standard_normal((37, 1000)).astype(np.float32), format)
@@ -166,10 +168,11 @@ def test_a_build_forced_to_avx2_gives_the_same_bits():
         runs.append(json.loads(run.stdout.splitlines()[-1]))
     forced, native = runs
     assert forced["key"] != native["key"]
-    assert forced["wint8"] == native["wint8"] and forced["wint4"] == native["wint4"]
+    for format in ("wint8", "wint6", "wint4"):
+        assert forced[format] == native[format], format
 
 
-@pytest.mark.parametrize("format", ["wint8", "wint4"])
+@pytest.mark.parametrize("format", ["wint8", "wint6", "wint4"])
 def test_dequantize_rows_picks_rows_of_the_interleaved_layout(format):
     """The embedding lookup in a quantized tied lm_head: rows inside the groups of 8 and after them."""
     q = quant.quantize(spread_weights(21, 100, 2), format)

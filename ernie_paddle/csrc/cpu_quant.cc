@@ -4,7 +4,8 @@
 //   ernie_quant_matmul(x [..., K], data, scales) = x @ W^T       1 to 32 rows, W [N, K] as packed
 //   ernie_dequantize(data, scales, K) = W, float32 [N, K]         for the prompt's matmuls (MKL)
 //
-// data is int8 [N, Kp] for wint8 and uint8 [N, Kp / 2] for wint4; scales float16 [N, Kp / G].
+// data is int8 [N, Kp] for wint8, uint8 [N, Kp / 2] for wint4 and [N, 3 Kp / 4] for wint6 (told apart
+// by its 24 bytes per scale: wint6 takes G = 32 only); scales float16 [N, Kp / G].
 // And a plain C function (through ctypes, like cpu_transpose.cc) that quantizes at load time:
 //
 //   ernie_quantize(src, src_is_bf16, N, K, row_stride, col_stride, group, bits, data, scales, threads)
@@ -31,15 +32,17 @@ QuantMatrix ernie::packed_matrix(const paddle::Tensor& data, const paddle::Tenso
   const bool wint8 = data.dtype() == paddle::DataType::INT8;
   PD_CHECK(data.is_cpu() && scales.is_cpu() && (wint8 || data.dtype() == paddle::DataType::UINT8) &&
                scales.dtype() == paddle::DataType::FLOAT16, op,
-           ": data must be int8 (wint8) or uint8 (wint4) and scales float16, on the CPU");
+           ": data must be int8 (wint8) or uint8 (wint4, wint6) and scales float16, on the CPU");
   PD_CHECK(data.shape().size() == 2 && scales.shape().size() == 2 && data.shape()[0] == scales.shape()[0], op,
            ": data [N, bytes] and scales [N, groups] expected");
   PD_CHECK(data.is_contiguous() && scales.is_contiguous(), op, ": data and scales must be contiguous");
-  const int64_t N = data.shape()[0], Kp = wint8 ? data.shape()[1] : 2 * data.shape()[1], groups = scales.shape()[1];
-  PD_CHECK(groups > 0 && Kp % groups == 0 && (Kp / groups) % kQuantBlock == 0, op,
+  const int64_t N = data.shape()[0], width = data.shape()[1], groups = scales.shape()[1];
+  const int bits = wint8 ? 8 : width == 24 * groups ? 6 : 4;
+  const int64_t Kp = width * 8 / bits;
+  PD_CHECK(groups > 0 && Kp % groups == 0 && (Kp / groups) % kQuantBlock == 0 && Kp * bits == width * 8, op,
            ": the groups must divide the row into multiples of ", kQuantBlock);
   return {static_cast<const uint8_t*>(data.data()), static_cast<const uint16_t*>(scales.data()), N, Kp, Kp / groups,
-          wint8 ? 8 : 4};
+          bits};
 }
 
 void ernie::quant_matmul(const float* x, int64_t M, int64_t K, const QuantMatrix& w, float* y, int threads) {
@@ -109,10 +112,16 @@ void dequantize_row(const QuantMatrix& w, int64_t n, float* out) {
     uint8_t q[kQuantBlock];
     for (int c = 0; c < bytes / 4; ++c) std::memcpy(q + 4 * c, block + c * chunk_step, 4);
     Floats low, high;
-    if (w.bits == 8) {
+    if (w.bits != 4) {
+      int8_t values[kQuantBlock];
+      if (w.bits == 6) {
+        for (int t = 0; t < kQuantBlock; ++t) values[t] = static_cast<int8_t>(block_weight(q, t, 6));
+      } else {
+        std::memcpy(values, q, kQuantBlock);
+      }
       Bytes q0, q1;
-      std::memcpy(&q0, q, 16);
-      std::memcpy(&q1, q + 16, 16);
+      std::memcpy(&q0, values, 16);
+      std::memcpy(&q1, values + 16, 16);
       low = __builtin_convertvector(__builtin_convertvector(q0, Ints), Floats) * s;
       high = __builtin_convertvector(__builtin_convertvector(q1, Ints), Floats) * s;
     } else {
@@ -160,19 +169,21 @@ std::vector<paddle::DataType> DequantizeDtype(const paddle::DataType& data, cons
 
 // One group of weights v[0, G) (zero-padded past K) into its scale and integers, the rules of quant.py:
 // wint8 s = max|v| / 127, q = rint(v / s); wint4 (llama.cpp's Q4_0) s = -v_m / 8 for the v_m of
-// largest magnitude, q = clamp(rint(v / s), -8, 7). s rounds to float16 first and q divides by that.
+// largest magnitude, q = clamp(rint(v / s), -8, 7); wint6 the same with 32 for 8. s rounds to float16
+// first and q divides by that.
 void quantize_group(const float* v, int64_t G, int bits, int8_t* q, uint16_t* scale) {  // scale: where it goes
   float amax = 0.f, extreme = 0.f;
   for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(v[i]));  // vectorised, unlike one pass for both
-  for (int64_t i = 0; i < G && bits == 4; ++i) {
+  for (int64_t i = 0; i < G && bits != 8; ++i) {
     if (std::fabs(v[i]) == amax) {
       extreme = v[i];
       break;
     }
   }
-  *scale = float_to_half(bits == 8 ? amax / 127.f : extreme / -8.f);
+  const float levels = bits == 8 ? 127.f : 1 << (bits - 1);  // q's most negative value: -levels
+  *scale = float_to_half(bits == 8 ? amax / levels : extreme / -levels);
   const float s = half_to_float(*scale), inverse = s == 0.f ? 0.f : 1.f / s;
-  const float lo = bits == 8 ? -127.f : -8.f, hi = bits == 8 ? 127.f : 7.f;
+  const float lo = -levels, hi = bits == 8 ? levels : levels - 1;
   for (int64_t i = 0; i < G; ++i) q[i] = static_cast<int8_t>(std::min(hi, std::max(lo, __builtin_rintf(v[i] * inverse))));
 }
 
@@ -196,7 +207,8 @@ void gather(const T* src, int64_t stride, int64_t count, float* v) {
 extern "C" __attribute__((visibility("default"))) int ernie_quantize(
     const void* src, int src_is_bf16, int64_t N, int64_t K, int64_t row_stride, int64_t col_stride, int64_t group,
     int bits, void* data, uint16_t* scales, int threads) {
-  if ((bits != 8 && bits != 4) || group <= 0 || group % kQuantBlock != 0) return 1;
+  if ((bits != 8 && bits != 6 && bits != 4) || group <= 0 || group % kQuantBlock != 0 || (bits == 6 && group != kQuantBlock))
+    return 1;
   const int64_t groups = (K + group - 1) / group, Kp = groups * group;
   const QuantMatrix layout{static_cast<uint8_t*>(data), scales, N, Kp, group, bits};
 #pragma omp parallel num_threads(std::max(1, threads))
@@ -214,8 +226,7 @@ extern "C" __attribute__((visibility("default"))) int ernie_quantize(
         quantize_group(v.data(), group, bits, q.data(), const_cast<uint16_t*>(&layout.scale(n, g)));
         for (int64_t b = 0; b < group; b += kQuantBlock) {
           uint8_t bytes[kQuantBlock];
-          if (bits == 8) std::memcpy(bytes, q.data() + b, kQuantBlock);
-          else for (int j = 0; j < 16; ++j) bytes[j] = static_cast<uint8_t>((q[b + j] + 8) | (q[b + 16 + j] + 8) << 4);
+          pack_block(q.data() + b, bits, bytes);
           for (int c = 0; c < layout.block_bytes() / 4; ++c)
             std::memcpy(const_cast<uint8_t*>(layout.chunk(n, (k0 + b) / kQuantBlock, c)), bytes + 4 * c, 4);
         }

@@ -1,14 +1,19 @@
 // Weight-only quantized matmul for CPU decoding: y = x @ W^T for a few float32 rows x and a weight
-// matrix W [N, K] held as 8-bit or 4-bit integers with one float16 scale per group of G weights along
-// K (G a multiple of 32; K padded with zero weights to Kp, a multiple of G). The layout (quant.py
-// writes it):
+// matrix W [N, K] held as 8-, 6- or 4-bit integers with one float16 scale per group of G weights along
+// K (G a multiple of 32, and 32 for wint6; K padded with zero weights to Kp, a multiple of G). The
+// layout (quant.py writes it):
 //
 //   wint8: data int8 [N, Kp]: a row's 32-weight block is 32 bytes, q in -127..127 (llama.cpp's Q8_0)
 //   wint4: data uint8 [N, Kp / 2]: a row's 32-weight block is 16 bytes, byte j holding weight j of
 //          the block in its low nibble and weight 16 + j in its high one, each as q + 8 (Q4_0)
+//   wint6: data uint8 [N, 3 Kp / 4]: a row's block is 24 bytes, q + 32 in 0..63: bytes 0..15 hold the
+//          low 4 bits as wint4 holds its nibbles; bytes 16..23 the top 2 bits (block_weight spells
+//          out where), so that the 2-bit pairs of 4 weights sit in the byte at the same place in
+//          its 32-byte chunk as the 4 weights' nibbles in theirs. The lm_head of wint4 models (as
+//          llama.cpp's Q4_0 keeps Q6_K's 6.56 bits there, this is 6.5).
 //   scale: float16 [N, Kp / G];   W[n, k] = q * scale[n, k / G]
-//   Both interleave the rows in groups of 8 (all but the last N % 8, which follow plainly): group
-//   r's block b is 8 blocks' bytes at (r * Kp / 32 + b) * 8 * B (B = 32 or 16 bytes a block), in
+//   All interleave the rows in groups of 8 (all but the last N % 8, which follow plainly): group
+//   r's block b is 8 blocks' bytes at (r * Kp / 32 + b) * 8 * B (B = 32, 24 or 16 bytes a block), in
 //   chunks of 32 bytes: chunk c holds bytes 4c .. 4c + 3 of each of the 8 rows' blocks in turn; the
 //   group's scales for group g of K are 8 float16 at (r * Kp / G + g) * 8. One 32-byte load is then
 //   4 x values' weights (wint4: and 4 more) for 8 rows, and the kernel gets 8 rows' dot products in
@@ -54,7 +59,7 @@ struct QuantMatrix {
   const uint16_t* scales;  // float16 bits, [N, Kp / group]
   int64_t N, Kp, group;
   int bits;                // 8 or 4
-  int64_t row_bytes() const { return bits == 8 ? Kp : Kp / 2; }
+  int64_t row_bytes() const { return Kp / kQuantBlock * block_bytes(); }
   int block_bytes() const { return bits * kQuantBlock / 8; }
   int64_t grouped_rows() const { return N / kQuantRowGroup * kQuantRowGroup; }
   // Where byte 4c of row n's block b is (the next 3 bytes follow it), and the float16 scale of row n
@@ -98,6 +103,33 @@ inline uint16_t float_to_half(float f) {
 }
 #endif
 
+// Weight t of a block from its bytes in order, as a signed integer.
+inline int block_weight(const uint8_t* bytes, int t, int bits) {
+  if (bits == 8) return static_cast<int8_t>(bytes[t]);
+  const int j = t % 16, nibble = t < 16 ? bytes[j] & 15 : bytes[j] >> 4;
+  if (bits == 4) return nibble - 8;
+  // The top bits of weights j and 16 + j of nibble chunk c = j / 4 are in byte 16 + 4 (c % 2) + j % 4,
+  // at bits 4 (c / 2) and 4 (c / 2) + 2.
+  const int c = j / 4, shift = 4 * (c / 2) + (t < 16 ? 0 : 2);
+  return (nibble | (bytes[16 + 4 * (c % 2) + j % 4] >> shift & 3) << 4) - 32;
+}
+
+// The bytes of a block from its 32 signed integers: block_weight's inverse.
+inline void pack_block(const int8_t* q, int bits, uint8_t* bytes) {
+  if (bits == 8) {
+    std::memcpy(bytes, q, kQuantBlock);
+    return;
+  }
+  const int offset = bits == 4 ? 8 : 32;
+  for (int j = 0; j < 16; ++j) bytes[j] = static_cast<uint8_t>(((q[j] + offset) & 15) | ((q[16 + j] + offset) & 15) << 4);
+  if (bits == 4) return;
+  std::memset(bytes + 16, 0, 8);
+  for (int j = 0; j < 16; ++j) {
+    const int c = j / 4, shift = 4 * (c / 2);
+    bytes[16 + 4 * (c % 2) + j % 4] |= static_cast<uint8_t>((q[j] + 32) >> 4 << shift | (q[16 + j] + 32) >> 4 << (shift + 2));
+  }
+}
+
 // The bytes of row n's block b, in order.
 inline void block_of(const QuantMatrix& w, int64_t n, int64_t b, uint8_t* out) {
   for (int c = 0; c < w.block_bytes() / 4; ++c) std::memcpy(out + 4 * c, w.chunk(n, b, c), 4);
@@ -130,6 +162,10 @@ template <int BITS>
 inline __m256i load_block(const uint8_t* p) {
   if constexpr (BITS == 8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  } else if constexpr (BITS == 6) {  // only the last N % 8 rows: no need for speed
+    int8_t q[kQuantBlock];
+    for (int t = 0; t < kQuantBlock; ++t) q[t] = static_cast<int8_t>(block_weight(p, t, 6));
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
   } else {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(15));
@@ -137,16 +173,22 @@ inline __m256i load_block(const uint8_t* p) {
   }
 }
 
-// The products of 32 unsigned |w| and signed x bytes summed in eight 32-bit lanes, exactly: with
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+constexpr bool kVnni = true;
+#else
+constexpr bool kVnni = false;
+#endif
+
+// sums + the products of 32 unsigned w and signed x bytes, in eight 32-bit lanes, exactly: with
 // AVX-512 VNNI (or AVX-VNNI) one instruction; else pairs into 16 bits (at most 2 * 127 * 127, no
 // saturation) and then fours.
-inline __m256i dot_bytes(__m256i abs_w, __m256i signed_x) {
+inline __m256i dot_accumulate(__m256i sums, __m256i unsigned_w, __m256i signed_x) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), abs_w, signed_x);
+  return _mm256_dpbusd_epi32(sums, unsigned_w, signed_x);
 #elif defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), abs_w, signed_x);
+  return _mm256_dpbusd_avx_epi32(sums, unsigned_w, signed_x);
 #else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, signed_x), _mm256_set1_epi16(1));
+  return _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned_w, signed_x), _mm256_set1_epi16(1)));
 #endif
 }
 
@@ -183,7 +225,7 @@ inline void quant_tile(const QuantRows& x, int64_t x0, const QuantMatrix& w, int
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * x.Kp + b * kQuantBlock));
       const __m256 dx = _mm256_set1_ps(xd[i * blocks + b]);
       for (int j = 0; j < WR; ++j) {
-        const __m256 dot = _mm256_cvtepi32_ps(dot_bytes(aw[j], _mm256_sign_epi8(xv, wq[j])));
+        const __m256 dot = _mm256_cvtepi32_ps(dot_accumulate(_mm256_setzero_si256(), aw[j], _mm256_sign_epi8(xv, wq[j])));
         acc[i * WR + j] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sw[j], dx), acc[i * WR + j]);
       }
     }
@@ -194,10 +236,11 @@ inline void quant_tile(const QuantRows& x, int64_t x0, const QuantMatrix& w, int
 }
 
 // XR prepared x rows against the 8 interleaved rows from row n (a multiple of 8): lane l of acc[i] is
-// y[i, n + l]. Per block, the 4 bytes of x that meet a 32-byte chunk (wint4: its low nibbles, and the
-// 4 that meet its high ones) are broadcast to every lane. wint4's unsigned nibbles times x sum in 16
-// bits (at most 16 x 15 x 127 < 2^15) or with VNNI in 32, and then the offset of 8 comes off:
-// sum (q - 8) x = sum q x - 8 sum x.
+// y[i, n + l]. Per block, the 4 bytes of x that meet a 32-byte chunk (wint4 / wint6: its low nibbles,
+// and the 4 that meet its high ones) are broadcast to every lane. The unsigned q + 8 (q + 32) times x
+// sum exactly: wint4's in 16 bits (at most 16 x 15 x 127 < 2^15), wint6's in 16 bits a chunk at a
+// time (4 x 63 x 127 < 2^15) and then in 32, with VNNI in 32; then the offset comes off:
+// sum (q - 8) x = sum (q + 8 - 8) x - 8 sum x.
 template <int BITS, int XR>
 inline void quant_group_tile(const QuantRows& x, int64_t x0, const QuantMatrix& w, int64_t n, float* y,
                              int64_t y_stride) {
@@ -209,8 +252,23 @@ inline void quant_group_tile(const QuantRows& x, int64_t x0, const QuantMatrix& 
   const int8_t* xq = x.q + x0 * x.Kp;
   const float* xd = x.d + x0 * blocks;
   const int32_t* xs = x.sums8 + x0 * blocks;
-  const __m256i nibble = _mm256_set1_epi8(15);
+  const __m256i nibble = _mm256_set1_epi8(15), top_bits = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
   constexpr int kBytes = BITS * kQuantBlock / 8 * kQuantRowGroup;  // a block of the 8 rows
+  // sums += the products of 32 unsigned w and signed x bytes, in 32-bit lanes (with VNNI) or 16-bit ones.
+  auto add_products = [](__m256i sums, __m256i unsigned_w, __m256i signed_x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(sums, unsigned_w, signed_x);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(sums, unsigned_w, signed_x);
+#else
+    return _mm256_add_epi16(sums, _mm256_maddubs_epi16(unsigned_w, signed_x));
+#endif
+  };
+  auto x4_of = [&](int i, int64_t b, int at) {  // x bytes at..at + 3 of block b, in every lane
+    int32_t v;
+    std::memcpy(&v, xq + i * x.Kp + b * kQuantBlock + at, 4);
+    return _mm256_set1_epi32(v);
+  };
   for (int64_t b = 0, g = 0, in_group = 0; b < blocks; ++b) {
     const uint8_t* p = data + b * kBytes;
     for (int line = 0; line < kBytes; line += 64) __builtin_prefetch(p + 8 * kBytes + line);
@@ -220,49 +278,37 @@ inline void quant_group_tile(const QuantRows& x, int64_t x0, const QuantMatrix& 
       for (int c = 0; c < 8; ++c) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));
         const __m256i magnitude = _mm256_sign_epi8(v, v);
-        for (int i = 0; i < XR; ++i) {
-          int32_t x4;
-          std::memcpy(&x4, xq + i * x.Kp + b * kQuantBlock + 4 * c, 4);
-          const __m256i signed_x = _mm256_sign_epi8(_mm256_set1_epi32(x4), v);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-          sums[i] = _mm256_dpbusd_epi32(sums[i], magnitude, signed_x);
-#elif defined(__AVXVNNI__)
-          sums[i] = _mm256_dpbusd_avx_epi32(sums[i], magnitude, signed_x);
-#else
-          sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_x),
-                                                                _mm256_set1_epi16(1)));
-#endif
-        }
+        for (int i = 0; i < XR; ++i) sums[i] = dot_accumulate(sums[i], magnitude, _mm256_sign_epi8(x4_of(i, b, 4 * c), v));
       }
     } else for (int c = 0; c < 4; ++c) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));
-      const __m256i low = _mm256_and_si256(v, nibble), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      __m256i low = _mm256_and_si256(v, nibble), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      if constexpr (BITS == 6) {  // the top bits of chunk c sit at bits 4 (c / 2) and 4 (c / 2) + 2
+        const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * (c % 2)));
+        low = _mm256_or_si256(low, _mm256_and_si256(c < 2 ? _mm256_slli_epi16(top, 4) : top, top_bits));
+        high = _mm256_or_si256(high, _mm256_and_si256(c < 2 ? _mm256_slli_epi16(top, 2) : _mm256_srli_epi16(top, 2),
+                                                      top_bits));
+      }
       for (int i = 0; i < XR; ++i) {
-        int32_t lo4, hi4;
-        std::memcpy(&lo4, xq + i * x.Kp + b * kQuantBlock + 4 * c, 4);
-        std::memcpy(&hi4, xq + i * x.Kp + b * kQuantBlock + 16 + 4 * c, 4);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-        sums[i] = _mm256_dpbusd_epi32(sums[i], low, _mm256_set1_epi32(lo4));
-        sums[i] = _mm256_dpbusd_epi32(sums[i], high, _mm256_set1_epi32(hi4));
-#elif defined(__AVXVNNI__)
-        sums[i] = _mm256_dpbusd_avx_epi32(sums[i], low, _mm256_set1_epi32(lo4));
-        sums[i] = _mm256_dpbusd_avx_epi32(sums[i], high, _mm256_set1_epi32(hi4));
-#else
-        sums[i] = _mm256_add_epi16(sums[i], _mm256_maddubs_epi16(low, _mm256_set1_epi32(lo4)));
-        sums[i] = _mm256_add_epi16(sums[i], _mm256_maddubs_epi16(high, _mm256_set1_epi32(hi4)));
-#endif
+        if (BITS == 6 && !kVnni) {
+          const __m256i pair = add_products(add_products(_mm256_setzero_si256(), low, x4_of(i, b, 4 * c)), high,
+                                            x4_of(i, b, 16 + 4 * c));
+          sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(pair, ones));
+        } else {
+          sums[i] = add_products(add_products(sums[i], low, x4_of(i, b, 4 * c)), high, x4_of(i, b, 16 + 4 * c));
+        }
       }
     }
     const __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g * kQuantRowGroup)));
     for (int i = 0; i < XR; ++i) {
-#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
-      const __m256i dot = BITS == 8 ? sums[i] : _mm256_sub_epi32(sums[i], _mm256_set1_epi32(xs[i * blocks + b]));
-#else
-      const __m256i dot = BITS == 8 ? sums[i] : _mm256_sub_epi32(_mm256_madd_epi16(sums[i], _mm256_set1_epi16(1)),
-                                                                 _mm256_set1_epi32(xs[i * blocks + b]));
-#endif
-      const __m256 exact = _mm256_cvtepi32_ps(dot);
-      acc[i] = _mm256_fmadd_ps(exact, _mm256_mul_ps(sw, _mm256_set1_ps(xd[i * blocks + b])), acc[i]);
+      __m256i dot = sums[i];
+      if constexpr (BITS == 4) {
+        if (!kVnni) dot = _mm256_madd_epi16(dot, ones);
+        dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(xs[i * blocks + b]));
+      } else if constexpr (BITS == 6) {
+        dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(4 * xs[i * blocks + b]));
+      }
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw, _mm256_set1_ps(xd[i * blocks + b])), acc[i]);
     }
     if (++in_group == per_group) in_group = 0, ++g;
   }
@@ -294,8 +340,7 @@ inline void quant_tile(const QuantRows& x, int64_t x0, const QuantMatrix& w, int
         block_of(w, n + j, b, bytes);
         int32_t dot = 0;
         for (int t = 0; t < kQuantBlock; ++t) {
-          const int q = BITS == 8 ? static_cast<int8_t>(bytes[t]) : (t < 16 ? bytes[t] & 15 : bytes[t - 16] >> 4) - 8;
-          dot += q * xq[b * kQuantBlock + t];
+          dot += block_weight(bytes, t, BITS) * xq[b * kQuantBlock + t];
         }
         const float s = half_to_float(w.scale(n + j, b * kQuantBlock / w.group));
         acc += static_cast<float>(dot) * (s * x.d[(x0 + i) * blocks + b]);
@@ -333,6 +378,7 @@ inline void quant_columns(const QuantRows& x, const QuantMatrix& w, float* y, in
 inline void quant_matmul_range(const QuantRows& x, const QuantMatrix& w, float* y, int64_t y_stride, int64_t n0,
                                int64_t n1) {
   if (w.bits == 8) quant_columns<8>(x, w, y, y_stride, n0, n1);
+  else if (w.bits == 6) quant_columns<6>(x, w, y, y_stride, n0, n1);
   else quant_columns<4>(x, w, y, y_stride, n0, n1);
 }
 
