@@ -91,6 +91,12 @@ def dequantize(data, scales, k: int):
     return _run_custom_op("ernie_dequantize", data, scales, k, cpu_threads())[0]
 
 
+def dequantize_rows(data, scales, ids, k: int):
+    """Rows `ids` (int64, any shape) of the float32 matrix packed by quant.quantize, [*ids.shape, k]: an
+    embedding lookup in a packed tied lm_head; after `available()`."""
+    return _run_custom_op("ernie_dequantize_rows", data, scales, ids, k)[0].reshape([*ids.shape, k])
+
+
 def widen(w):
     """A float32 copy of the bfloat16 CPU tensor `w` (exact; Paddle's cast is 5x slower); after `available()`."""
     return _run_custom_op("ernie_bf16_to_f32", w, cpu_threads())[0]

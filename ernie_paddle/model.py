@@ -13,6 +13,7 @@ bfloat16 matrices (a bf16 checkpoint as it is stored), widened exactly where the
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -60,8 +61,7 @@ class Packed(nn.Layer):
         """float32 [N, K], or [*rows.shape, K] of the given rows (an embedding lookup)."""
         if rows is None:
             return cpu_ops.dequantize(self.data, self.scales, self.k)
-        packed = quant.Quantized(np.from_dlpack(self.data.detach()), np.from_dlpack(self.scales.detach()), self.k)
-        return paddle.to_tensor(quant.dequantize_rows(packed, rows.numpy())).reshape([*rows.shape, self.k])
+        return cpu_ops.dequantize_rows(self.data, self.scales, rows, self.k)
 
 
 class RMSNorm(nn.Layer):
@@ -142,15 +142,20 @@ class Rotation:
     Calling it rotates x [B, T, heads + kv_heads, D], queries and keys together."""
 
     def __init__(self, cos, sin, rope: Rope):
-        self.cos, self.sin, self.swap_pairs = cos, sin, rope.swap_pairs
-        # Expanded to every head once here: full-shape elementwise ops are several times cheaper
-        # than broadcasting ones on CPU, and each layer does four of them.
-        shape = [*cos.shape[:2], rope.heads, cos.shape[-1]]
-        self.full_cos, self.full_sin = cos.expand(shape), sin.expand(shape)
+        self.cos, self.sin, self.swap_pairs, self.heads = cos, sin, rope.swap_pairs, rope.heads
+
+    @functools.cached_property
+    def full(self):
+        # Expanded to every head once, at the first layer (not for the CPU operators, which take cos and
+        # sin): full-shape elementwise ops are several times cheaper than broadcasting ones on CPU, and
+        # each layer does four of them.
+        shape = [*self.cos.shape[:2], self.heads, self.cos.shape[-1]]
+        return self.cos.expand(shape), self.sin.expand(shape)
 
     def __call__(self, x):
         h = x.astype("float32")
-        return (h * self.full_cos + self.swap_pairs(h) * self.full_sin).astype(x.dtype)
+        full_cos, full_sin = self.full
+        return (h * full_cos + self.swap_pairs(h) * full_sin).astype(x.dtype)
 
 
 def attention_on_cpu(x, cache) -> bool:

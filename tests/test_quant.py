@@ -178,3 +178,9 @@ def test_dequantize_rows_picks_rows_of_the_interleaved_layout(format):
     q = quant.quantize(spread_weights(21, 100, 2), format)
     ids = np.array([0, 7, 8, 15, 16, 20, 3, 3])
     assert np.array_equal(quant.dequantize_rows(q, ids), quant.dequantize(q)[ids])
+    if cpu_ops.available():  # the operator the model looks its embeddings up with
+        got = cpu_ops.dequantize_rows(paddle.to_tensor(q.data), paddle.to_tensor(q.scales),
+                                      paddle.to_tensor(ids.reshape(2, 4)), q.k)
+        assert np.array_equal(got.numpy(), quant.dequantize(q)[ids].reshape(2, 4, 100))
+        with pytest.raises(Exception, match="id 21 is outside the table's 21 rows"):
+            cpu_ops.dequantize_rows(paddle.to_tensor(q.data), paddle.to_tensor(q.scales), paddle.to_tensor([21]), q.k)

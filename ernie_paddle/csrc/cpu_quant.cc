@@ -3,6 +3,7 @@
 //
 //   ernie_quant_matmul(x [..., K], data, scales) = x @ W^T       1 to 32 rows, W [N, K] as packed
 //   ernie_dequantize(data, scales, K) = W, float32 [N, K]         for the prompt's matmuls (MKL)
+//   ernie_dequantize_rows(data, scales, ids, K) = W[ids], [len(ids), K]     an embedding lookup
 //
 // data is int8 [N, Kp] for wint8, uint8 [N, Kp / 2] for wint4 and [N, 3 Kp / 4] for wint6 (told apart
 // by its 24 bytes per scale: wint6 takes G = 32 only); scales float16 [N, Kp / G].
@@ -158,6 +159,24 @@ std::vector<paddle::Tensor> Dequantize(const paddle::Tensor& data, const paddle:
   return {out};
 }
 
+std::vector<paddle::Tensor> DequantizeRows(const paddle::Tensor& data, const paddle::Tensor& scales,
+                                           const paddle::Tensor& ids_in, int64_t K) {
+  const char* op = "ernie_dequantize_rows";
+  const QuantMatrix w = packed_matrix(data, scales, op);
+  check_k(w, K, op);
+  PD_CHECK(ids_in.is_cpu() && ids_in.dtype() == paddle::DataType::INT64, op, ": ids must be int64 on the CPU");
+  const paddle::Tensor ids = ids_in.contiguous();
+  const int64_t* id = ids.data<int64_t>();
+  paddle::Tensor out = paddle::empty({ids.numel(), K}, paddle::DataType::FLOAT32, data.place());
+  std::vector<float> row(w.Kp);
+  for (int64_t r = 0; r < ids.numel(); ++r) {
+    PD_CHECK(id[r] >= 0 && id[r] < w.N, op, ": id ", id[r], " is outside the table's ", w.N, " rows");
+    dequantize_row(w, id[r], row.data());
+    std::memcpy(out.data<float>() + r * K, row.data(), K * sizeof(float));
+  }
+  return {out};
+}
+
 std::vector<std::vector<int64_t>> DequantizeShape(const std::vector<int64_t>& data, const std::vector<int64_t>& scales,
                                                   int64_t K, int threads) {
   return {{data[0], K}};
@@ -243,6 +262,12 @@ PD_BUILD_OP(ernie_quant_matmul)
     .SetKernelFn(PD_KERNEL(QuantMatmul))
     .SetInferShapeFn(PD_INFER_SHAPE(QuantMatmulShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(QuantMatmulDtype));
+
+PD_BUILD_OP(ernie_dequantize_rows)
+    .Inputs({"Data", "Scales", "Ids"})
+    .Outputs({"Out"})
+    .Attrs({"K: int64_t"})
+    .SetKernelFn(PD_KERNEL(DequantizeRows));
 
 PD_BUILD_OP(ernie_dequantize)
     .Inputs({"Data", "Scales"})
