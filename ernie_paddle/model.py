@@ -362,7 +362,8 @@ class ErnieForCausalLM(nn.Layer):
         weight_dtype = weight_dtype or dtype
         self.config = config
         self.dtype_name, self.weight_dtype = dtype, weight_dtype
-        head_dtype = quant.HEAD_FORMAT.get(weight_dtype, weight_dtype)  # wint4 models: a wint6 head
+        head_dtype = quant.head_format(weight_dtype, config.hidden_size) if weight_dtype in quant.FORMATS \
+            else weight_dtype
         self.ernie = nn.Layer()
         self.ernie.embed_tokens = _weight([config.vocab_size, config.hidden_size], head_dtype)
         self.ernie.layers = nn.LayerList([DecoderLayer(config, dtype, weight_dtype, i)

@@ -36,12 +36,15 @@ QUANTIZATIONS = ("wint8", "wint4")  # what a user asks for; wint6 holds the lm_h
 GROUP = 32
 
 
-# The lm_head's format under each (the tied embedding of the small models, so also the table its rows are
-# looked up in, with dequantize_rows). At 4 bits it gave 20x the KL of the whole wint4 model with a
-# wint8 one (0.0017 against 0.00008 on the demo model, where a bf16 one gives 0.00008 too); llama.cpp's
-# Q4_0 keeps it at Q6_K (6.56 bits a weight), wint6 is 6.5: the 0.3B model's 103424 x 1024 lm_head
-# is 30% of its weights, and at 8 bits it was half of a wint4 decoding step's bytes.
-HEAD_FORMAT = {"wint8": "wint8", "wint4": "wint6"}
+def head_format(format: str, row_length: int) -> str:
+    """The lm_head's format under `format` (the tied embedding of the small models, so also the table its
+    rows are looked up in). At 4 bits it gave 20x the KL of the whole wint4 model with an 8-bit one (0.0017
+    against 0.00008 on the demo model); llama.cpp's Q4_0 keeps it at Q6_K (6.56 bits a weight) where its
+    rows are a multiple of Q6_K's 256-value blocks (every ERNIE 4.5 model), and at Q8_0 elsewhere (the
+    demo model's 128): wint4 follows, with wint6 (6.5 bits) and wint8, so that both spend the same bits.
+    The 0.3B model's 103424 x 1024 lm_head is 30% of its weights; at 8 bits it was half of a wint4
+    decoding step's bytes."""
+    return "wint6" if format == "wint4" and row_length % 256 == 0 else "wint8"
 
 
 class Quantized(NamedTuple):

@@ -35,11 +35,11 @@ def test_wint4_keeps_the_next_token_of_at_least_7_of_8_prompts(demo):
     assert agree >= 7
 
 
-def test_matrices_are_packed_and_the_head_keeps_6_bits(demo):
+def test_matrices_are_packed_and_the_head_keeps_8_bits_where_llama_cpp_does(demo):
     model = demo["wint4"].model
     assert isinstance(model.ernie.layers[0].mlp.up_gate_proj, Packed)
     assert model.ernie.layers[0].mlp.up_gate_proj.format == "wint4"
-    assert model.ernie.embed_tokens.format == "wint6"  # the tied embedding is the lm_head
+    assert model.ernie.embed_tokens.format == "wint8"  # the tied embedding is the lm_head; 128 values a row
     assert str(model.ernie.layers[0].input_layernorm.weight.dtype) == "paddle.float32"
 
 
@@ -71,8 +71,9 @@ def test_both_layouts_quantize_to_the_same_bits(tmp_path, quantization):
     assert [r.token_ids for r in a.generate(ids, max_new_tokens=16)] == [r.token_ids for r in b.generate(ids, max_new_tokens=16)]
 
 
+@pytest.mark.parametrize("head", ["wint8", "wint6"])
 @pytest.mark.parametrize("layout", ["pt", "paddle"])
-def test_quantizing_a_block_of_rows_at_a_time_gives_the_whole_matrixs_bits(tmp_path, monkeypatch, layout):
+def test_quantizing_a_block_of_rows_at_a_time_gives_the_whole_matrixs_bits(tmp_path, monkeypatch, layout, head):
     """Blocks of 24 rows (16 of the down projection): one crosses the q / k parts of the fused qkv, and
     the vocabulary's 211 rows end in a partial block and 3 rows outside the groups of 8."""
     from converters.convert import pt2paddle
@@ -83,6 +84,7 @@ def test_quantizing_a_block_of_rows_at_a_time_gives_the_whole_matrixs_bits(tmp_p
         pt2paddle(tmp_path / "pt", tmp_path / "paddle", progress=False)
     plain = ErniePredictor.from_pretrained(tmp_path / layout, device="cpu", weight_dtype="float32").model.weights()
     monkeypatch.setattr(predictor, "READ_BLOCK_BYTES", 24 * 64 * 4)
+    monkeypatch.setattr(quant, "head_format", lambda format, row_length: head)
     packed = ErniePredictor.from_pretrained(tmp_path / layout, device="cpu", quantization="wint4").model.weights()
     checked = 0
     for name, w in packed.items():
@@ -91,6 +93,7 @@ def test_quantizing_a_block_of_rows_at_a_time_gives_the_whole_matrixs_bits(tmp_p
             assert np.array_equal(w.data.numpy(), whole.data) and np.array_equal(w.scales.numpy(), whole.scales), name
             checked += 1
     assert checked == 2 * 4 + 2  # qkv, o, gate_up, down of two layers; embedding and lm_head
+    assert packed["lm_head.weight"].format == head
 
 
 @pytest.mark.parametrize("quantization", ["wint8", "wint4"])
@@ -124,8 +127,9 @@ def test_a_wint4_model_holds_under_a_third_of_the_float32_bytes(tmp_path):
     save_tiny_pt(tmp_path, tie_word_embeddings=False, hidden_size=256, head_dim=64, intermediate_size=512,
                  vocab_size=300)
     full = weight_bytes(ErniePredictor.from_pretrained(tmp_path, device="cpu").model)
-    packed = weight_bytes(ErniePredictor.from_pretrained(tmp_path, device="cpu", quantization="wint4").model)
-    assert packed < full / 3
+    model = ErniePredictor.from_pretrained(tmp_path, device="cpu", quantization="wint4").model
+    assert model.lm_head.format == "wint6"  # rows of 256 values: llama.cpp's Q4_0 would keep Q6_K
+    assert weight_bytes(model) < full / 3
 
 
 @pytest.mark.parametrize("kwargs, message", [
