@@ -13,7 +13,7 @@ the rows interleaved in groups of 8 for the kernel (all but the last N % 8) as c
 row n is not data[n]; dequantize_rows() gives rows.
 wint8 takes s = max|w| / 127 in each group and q = rint(w / s) in -127..127 (llama.cpp's Q8_0);
 wint4 takes s = -w_m / 8 for the w_m of largest magnitude, so that it maps to -8 exactly, and
-q = clip(rint(w / s), -8, 7) (llama.cpp's Q4_0), but then tries 7 other divisors than 8 for the one
+q = clip(rint(w / s), -8, 7) (llama.cpp's Q4_0), but then tries 7 smaller divisors than 8 for the one
 with the least squared error (_best_scales); wint6 the same with 32 for 8. s is rounded to float16 before q is computed.
 
 csrc/cpu_quant.cc computes the same in C++ (the 0.3B model quantizes in about a second); the numpy
@@ -161,10 +161,11 @@ def _quantize_numpy(w: np.ndarray, bits: int, group: int, kp: int) -> tuple[np.n
 
 def _best_scales(values: np.ndarray, extreme: np.ndarray, levels: np.float32) -> np.ndarray:
     """wint4 / wint6 scales of groups values [N, groups, G] whose values of largest magnitude are `extreme`:
-    of s = extreme / -d for the divisors d = levels * (1 + j / 32), j = -4 .. 3, the one whose q leave
+    of s = extreme / -d for the divisors d = levels * (1 + j / 32), j = -7 .. 0, the one whose q leave
     the least squared error, summed in order in float32 (the first of equals). d = levels alone is
-    llama.cpp's Q4_0 rule; the search cut the squared error of spread-out weights by 7%."""
-    divisors = levels + (np.arange(8, dtype=np.float32) - 4) * (levels / np.float32(32))
+    llama.cpp's Q4_0 rule; with the search the demo model's wint4 KL to float32 fell from 0.032 to 0.020
+    (csrc/cpu_quant.cc: best_scale)."""
+    divisors = levels + (np.arange(8, dtype=np.float32) - 7) * (levels / np.float32(32))
     candidates = (extreme[..., None] / -divisors).astype(np.float16)  # [N, groups, 8]
     s = candidates.astype(np.float32)
     inverse = np.divide(np.float32(1), s, out=np.zeros_like(s), where=s != 0)

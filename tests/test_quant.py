@@ -73,7 +73,7 @@ def test_quantize_then_dequantize_is_within_each_groups_step(format, native, mon
     slack = 1e-6 * np.abs(w)
     if format == "wint8":
         assert (error <= step / 2 + slack).all()
-    else:  # rounding within half a step but at the ends of -8..7 (-32..31), which the scale search may clip
+    else:  # rounding within half a step but at the ends of -8..7 (-32..31), which may clip
         levels = 2 ** (quant.FORMATS[format] - 1)
         q = np.rint(back / np.where(step > 0, step, 1))
         at_an_end = np.abs(q) >= levels - 1  # either end, whatever the sign of the scale
