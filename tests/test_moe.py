@@ -147,36 +147,21 @@ def test_a_moe_layer_in_one_operator_gives_the_bits_of_its_operators_one_by_one(
     KV cache, bit for bit: batch 1 and 3 rows, decoding after a prompt short enough to go through the
     operator and after one too long."""
     import torch
-    from test_cpu_ops import decode_logits
-    from ernie_paddle import model as model_module
+    from test_cpu_ops import assert_the_layer_operator_gives_the_bits_of_its_operators
 
     reference = save_tiny_moe_pt(tmp_path / "f32", seed=5, num_hidden_layers=3, moe_layer_start_index=0,
-                                 moe_layer_end_index=1, bias_range=(0, 0.02),
-                                 **LAYER_CONFIGS[layers])
+                                 moe_layer_end_index=1, bias_range=(0, 0.02), **LAYER_CONFIGS[layers])
     directory = tmp_path / "f32"
     if weights == "bfloat16":
         reference.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
         directory = tmp_path / "bf16"
     quantization = weights if weights.startswith("wint") else None
-    model = ErniePredictor.from_pretrained(directory, device="cpu", dtype="float32", quantization=quantization,
-                                           progress=False).model
-    assert [type(layer.mlp).__name__ for layer in model.ernie.layers] == ["MoE", "MoE", "MLP"]
-    calls = []
-    real = cpu_ops.decoder_layer
-    monkeypatch.setattr(cpu_ops, "decoder_layer", lambda *a: calls.append(1) or real(*a))
-    for prompts in ([[5, 6, 7, 8, 9, 10]], [[5, 6, 7, 8, 9, 10, 11, 12], [11, 12], [13, 14, 15]],
-                    [[5, 6, 7, 8, 9] * 8, [11, 12]]):
-        calls.clear()
-        fused, fused_keys = decode_logits(model, prompts, 6)
-        short = len(prompts[0]) * len(prompts) <= cpu_ops.MAX_ROWS
-        assert len(calls) == (7 if short else 6) * 3
-        with monkeypatch.context() as m:
-            m.setattr(model_module, "layer_on_cpu", lambda *a: False)
-            separate, separate_keys = decode_logits(model, prompts, 6)
-        assert len(calls) == (7 if short else 6) * 3
-        np.testing.assert_array_equal(fused, separate)
-        for a, b in zip(fused_keys, separate_keys):
-            np.testing.assert_array_equal(a, b)
+    pred = ErniePredictor.from_pretrained(directory, device="cpu", dtype="float32", quantization=quantization,
+                                          progress=False)
+    assert layer_kinds(pred) == ["MoE", "MoE", "MLP"]
+    assert_the_layer_operator_gives_the_bits_of_its_operators(
+        pred.model, monkeypatch, ([[5, 6, 7, 8, 9, 10]], [[5, 6, 7, 8, 9, 10, 11, 12], [11, 12], [13, 14, 15]],
+                             [[5, 6, 7, 8, 9] * 8, [11, 12]]), steps=6)
 
 
 @pytest.mark.skipif(not cpu_ops.available(), reason="the CPU kernels are unavailable here")

@@ -185,7 +185,8 @@ void ernie::route(const float* h, int64_t M, const Matrix& gate, const float* bi
     for (int64_t e = 0; e < E; ++e) choice[e] = {s[e] + bias[e], e};
     take_largest(choice, top_k);
     int64_t* c = chosen + m * top_k;
-    float *w = weights + m * top_k, total = 0.f;
+    float* w = weights + m * top_k;
+    float total = 0.f;
     for (int64_t j = 0; j < top_k; ++j) {
       c[j] = choice[j].second;
       w[j] = s[c[j]];
@@ -221,11 +222,12 @@ void ernie::routed_experts(const float* h, int64_t M, const int64_t* chosen, con
       const int64_t count = std::min<int64_t>(kLanes, H - i);
       Vec total = {};
       for (int64_t j = 0; j < top_k; ++j) {
-        Vec v = {};
-        std::memcpy(&v, out.data() + position[m * top_k + j] * H + i, count * sizeof(float));
+        const float* o = out.data() + position[m * top_k + j] * H + i;
+        const Vec v = count == kLanes ? load(o) : load_partial(o, count);
         total += in_register(v * splat(weights[m * top_k + j]));  // in a register: not fused into the add
       }
-      std::memcpy(ym + i, &total, count * sizeof(float));
+      if (count == kLanes) store(ym + i, total);
+      else std::memcpy(ym + i, &total, count * sizeof(float));
     }
   }
 }
