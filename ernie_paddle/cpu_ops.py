@@ -155,6 +155,27 @@ def _empty():
     return import_paddle().empty([0], "float32")
 
 
+def advise_huge_pages(t):
+    """Ask Linux to back the CPU tensor t's memory with 2 MB pages, before anything is written to it, where
+    transparent huge pages are left to madvise (the usual setting); elsewhere nothing happens. Decoding
+    streams every weight once a step, and over 4 KB pages the TLB misses cost a sixth of the time: on the
+    2-core Zen 3 one row through the 21B-A3B shape's bf16 lm_head (530 MB) took 27-34 ms instead of 34-39."""
+    page = 1 << 21
+    first = -(-t.data_ptr() // page) * page
+    last = (t.data_ptr() + t.numel().item() * t.element_size()) // page * page
+    if last > first and _libc() is not None:
+        _libc().madvise(first, last - first, 14)  # MADV_HUGEPAGE
+
+
+@functools.lru_cache(maxsize=None)
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 def copy_transposed(src: np.ndarray, dst: np.ndarray) -> bool:
     """dst[...] = src.T, for a contiguous 2-D src and a dst with unit element stride (a block of
     columns of a weight matrix). In C++ (2-4x numpy's speed) when `available()` has loaded the

@@ -35,8 +35,11 @@ def _weight(shape, dtype):
     if dtype in quant.FORMATS:
         return Packed(shape, dtype)
     # Uninitialised: the loader overwrites every weight; zero-filling them first took 1.0 s of a
-    # 2.4 s load of the 0.3B model.
-    return EagerParamBase.from_tensor(paddle.empty(list(shape), dtype))
+    # 2.4 s load of the 0.3B model. Untouched yet, so a CPU weight can still get huge pages.
+    weight = paddle.empty(list(shape), dtype)
+    if weight.place.is_cpu_place():
+        cpu_ops.advise_huge_pages(weight)
+    return EagerParamBase.from_tensor(weight)
 
 
 class Packed(nn.Layer):
