@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -393,3 +394,25 @@ def assert_the_layer_operator_gives_the_bits_of_its_operators(model, monkeypatch
         np.testing.assert_array_equal(fused, separate)
         for a, b in zip(fused_keys, separate_keys):
             np.testing.assert_array_equal(a, b)
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
+def test_cpu_weights_get_huge_pages():
+    """A weight the model allocates on CPU asks for 2 MB pages before it is written (model._weight): its
+    memory is then backed by them."""
+    import ctypes
+    from ernie_paddle import model as model_module
+
+    weight = model_module._weight([4096, 1024], "float32")  # 16 MB
+    ctypes.memset(weight.data_ptr(), 1, 4096 * 1024 * 4)
+    address, huge = weight.data_ptr(), None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split()[0] and not line.split()[0].endswith(":"):
+            low, high = (int(a, 16) for a in line.split()[0].split("-"))
+            inside = low <= address < high
+        elif inside and line.startswith("AnonHugePages:"):
+            huge = int(line.split()[1]) * 1024
+    assert huge is not None and huge >= 8 << 20
