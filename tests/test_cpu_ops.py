@@ -406,13 +406,15 @@ def test_cpu_weights_get_huge_pages():
     import ctypes
     from ernie_paddle import model as model_module
 
-    weight = model_module._weight([4096, 1024], "float32")  # 16 MB
-    ctypes.memset(weight.data_ptr(), 1, 4096 * 1024 * 4)
-    address, huge = weight.data_ptr(), None
+    weight = model_module._weight([4096, 4096], "float32")  # 64 MB: its own mmap, untouched
+    size = 4096 * 4096 * 4
+    ctypes.memset(weight.data_ptr(), 1, size)
+    huge, inside = 0, False  # over the mappings it spans (madvise splits them at 2 MB boundaries)
     for line in Path("/proc/self/smaps").read_text().splitlines():
-        if "-" in line.split()[0] and not line.split()[0].endswith(":"):
-            low, high = (int(a, 16) for a in line.split()[0].split("-"))
-            inside = low <= address < high
-        elif inside and line.startswith("AnonHugePages:"):
-            huge = int(line.split()[1]) * 1024
-    assert huge is not None and huge >= 8 << 20
+        field = line.split()[0]
+        if not field.endswith(":"):
+            low, high = (int(a, 16) for a in field.split("-"))
+            inside = low < weight.data_ptr() + size and weight.data_ptr() < high
+        elif inside and field == "AnonHugePages:":
+            huge += int(line.split()[1]) * 1024
+    assert huge >= 32 << 20
