@@ -36,8 +36,11 @@ def _weight(shape, dtype):
     if dtype in quant.FORMATS:
         return Packed(shape, dtype)
     # Uninitialised: the loader overwrites every weight; zero-filling them first took 1.0 s of a
-    # 2.4 s load of the 0.3B model.
-    return EagerParamBase.from_tensor(paddle.empty(list(shape), dtype))
+    # 2.4 s load of the 0.3B model. Untouched yet, so a CPU weight can still get huge pages.
+    weight = paddle.empty(list(shape), dtype)
+    if weight.place.is_cpu_place():
+        cpu_ops.advise_huge_pages(weight)
+    return EagerParamBase.from_tensor(weight)
 
 
 class Packed(nn.Layer):
@@ -266,9 +269,13 @@ class MoE(nn.Layer):
             if moe.num_shared_experts else None
 
     def route(self, h):
-        """The experts chosen for each row of h [M, H], [M, top_k] int64, and their weights, float32."""
+        """The experts chosen for each row of h [M, H], [M, top_k] int64, and their weights, float32. On CPU
+        one operator, the router of the layer operator (DecoderLayer.decode_on_cpu): the same bits."""
+        bias = self.moe_statics.e_score_correction_bias
+        if h.place.is_cpu_place() and cpu_ops.available():
+            return cpu_ops.route(h.astype("float32"), self.gate.weight, bias, self.top_k, self.norm_min)
         scores = F.softmax(project(h.astype("float32"), self.gate.weight), axis=-1)
-        _, chosen = paddle.topk(scores + self.moe_statics.e_score_correction_bias, self.top_k)
+        _, chosen = paddle.topk(scores + bias, self.top_k)
         weights = paddle.take_along_axis(scores, chosen, axis=-1)
         return chosen, weights / paddle.clip(weights.sum(-1, keepdim=True), min=self.norm_min)
 
@@ -342,13 +349,18 @@ class DecoderLayer(nn.Layer):
 
     def decode_on_cpu(self, x, rotate, mask, cache_kv, start):
         """The layer as one CPU operator when it takes a few rows (decoding, short prompts): the kernels
-        the sublayers call, in their order, without their eight operator dispatches (a third of a wint4
-        0.3B decoding step). A MoE layer's experts follow as their own operators."""
-        attn, dense = self.self_attn, isinstance(self.mlp, MLP)
-        mlp = (self.post_attention_layernorm.weight, self.mlp.up_gate_proj, self.mlp.down_proj) if dense else None
-        x = cpu_ops.decoder_layer(x, self.input_layernorm.weight, attn.qkv_proj, attn.o_proj, rotate.cos, rotate.sin,
-                                  *cache_kv, mask, start, attn.heads, attn.scale, self.input_layernorm.eps, mlp)
-        return x if dense else x + self.mlp(self.post_attention_layernorm(x))
+        the sublayers call, in their order, without their operator dispatches (8 of a dense layer: a third
+        of a wint4 0.3B decoding step; ~30 of a MoE one)."""
+        attn, mlp, router = self.self_attn, self.mlp, None
+        if isinstance(mlp, MoE):
+            router = (mlp.gate.weight, mlp.moe_statics.e_score_correction_bias, mlp.experts.up_gate_proj,
+                      mlp.experts.down_proj, mlp.top_k, mlp.norm_min)
+            mlp = mlp.shared_experts
+        up_gate, down = (mlp.up_gate_proj, mlp.down_proj) if mlp is not None else (None, None)
+        return cpu_ops.decoder_layer(x, self.input_layernorm.weight, attn.qkv_proj, attn.o_proj, rotate.cos,
+                                     rotate.sin, *cache_kv, mask, start, attn.heads, attn.scale,
+                                     self.input_layernorm.eps, self.post_attention_layernorm.weight, up_gate, down,
+                                     router)
 
 
 class ErnieForCausalLM(nn.Layer):

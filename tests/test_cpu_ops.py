@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -360,27 +361,60 @@ def test_a_layer_in_one_operator_gives_the_bits_of_its_operators_one_by_one(tmp_
                                                                             quantization):
     """Decoding runs each layer as one operator (cpu_ops.decoder_layer); the same kernels called one
     by one give the same logits and cache, bit for bit: for each weight format, dense and MoE layers
-    (whose experts follow as separate operators), prompts short enough to go through it (24 rows) and
-    one too long (prefilled by the sublayers, then decoded by it)."""
+    (tests/test_moe.py has more MoE ones), prompts short enough to go through it (24 rows) and one too
+    long (prefilled by the sublayers, then decoded by it)."""
     from conftest import save_tiny_moe_pt, save_tiny_pt
-    from ernie_paddle import ErniePredictor, model as model_module
+    from ernie_paddle import ErniePredictor
     if moe:
         save_tiny_moe_pt(tmp_path, moe_layer_start_index=0, moe_layer_interval=2, num_hidden_layers=3)
     else:
         save_tiny_pt(tmp_path, dtype=dtype, num_hidden_layers=3)
     model = ErniePredictor.from_pretrained(tmp_path, device="cpu", quantization=quantization, progress=False).model
+    assert_the_layer_operator_gives_the_bits_of_its_operators(
+        model, monkeypatch, ([[5, 6, 7, 8, 9, 10, 11, 12], [11, 12], [13, 14, 15]], [[5, 6, 7, 8, 9] * 8, [11, 12]]))
+
+
+def assert_the_layer_operator_gives_the_bits_of_its_operators(model, monkeypatch, prompt_sets, steps: int = 5):
+    """For each batch of prompts, the logits and KV cache of decoding `steps` tokens with each layer as one
+    operator equal, bit for bit, those with the layers' separate operators; the operator runs for every
+    layer at every step, and for the prompt too when it has at most cpu_ops.MAX_ROWS rows."""
+    from ernie_paddle import model as model_module
     calls = []
     real = cpu_ops.decoder_layer
     monkeypatch.setattr(cpu_ops, "decoder_layer", lambda *a: calls.append(1) or real(*a))
-    for prompts in ([[5, 6, 7, 8, 9, 10, 11, 12], [11, 12], [13, 14, 15]], [[5, 6, 7, 8, 9] * 8, [11, 12]]):
+    for prompts in prompt_sets:
         calls.clear()
-        fused, fused_keys = decode_logits(model, prompts, 5)
+        fused, fused_keys = decode_logits(model, prompts, steps)
         short = len(prompts[0]) * len(prompts) <= cpu_ops.MAX_ROWS
-        assert len(calls) == (6 if short else 5) * 3
+        assert len(calls) == (steps + 1 if short else steps) * model.config.num_hidden_layers
         with monkeypatch.context() as m:
             m.setattr(model_module, "layer_on_cpu", lambda *a: False)
-            separate, separate_keys = decode_logits(model, prompts, 5)
-        assert len(calls) == (6 if short else 5) * 3
+            separate, separate_keys = decode_logits(model, prompts, steps)
+        assert len(calls) == (steps + 1 if short else steps) * model.config.num_hidden_layers
         np.testing.assert_array_equal(fused, separate)
         for a, b in zip(fused_keys, separate_keys):
             np.testing.assert_array_equal(a, b)
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
+def test_cpu_weights_get_huge_pages():
+    """A weight the model allocates on CPU asks for 2 MB pages before it is written (model._weight): its
+    memory is then backed by them."""
+    import ctypes
+    from ernie_paddle import model as model_module
+
+    weight = model_module._weight([4096, 4096], "float32")  # 64 MB: its own mmap, untouched
+    size = 4096 * 4096 * 4
+    ctypes.memset(weight.data_ptr(), 1, size)
+    huge, inside = 0, False  # over the mappings it spans (madvise splits them at 2 MB boundaries)
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        field = line.split()[0]
+        if not field.endswith(":"):
+            low, high = (int(a, 16) for a in field.split("-"))
+            inside = low < weight.data_ptr() + size and weight.data_ptr() < high
+        elif inside and field == "AnonHugePages:":
+            huge += int(line.split()[1]) * 1024
+    assert huge >= 32 << 20

@@ -128,6 +128,65 @@ def test_grouped_kernel_equals_one_matmul_per_expert(dtype):
         np.testing.assert_allclose(got[a:b], x[a:b] @ w[e].T, rtol=1e-5, atol=1e-5)
 
 
+# the router's two sorts (phi's CPU top_k: a partial sort when 64 k < E, else nth_element), top-1 and
+# top-k, with and without shared experts, a dense layer among the MoE ones
+LAYER_CONFIGS = {"e8-k3-shared2": dict(moe_num_experts=8, moe_k=3, moe_num_shared_experts=2),
+                 "e130-k2-shared0": dict(moe_num_experts=130, moe_k=2, moe_num_shared_experts=0,
+                                         moe_intermediate_size=8),
+                 "e6-k1-shared1": dict(moe_num_experts=6, moe_k=1)}
+
+
+@pytest.mark.skipif(not cpu_ops.available(), reason="the CPU kernels are unavailable here")
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "wint8", "wint4"])
+@pytest.mark.parametrize("layers", sorted(LAYER_CONFIGS))
+def test_a_moe_layer_in_one_operator_gives_the_bits_of_its_operators_one_by_one(tmp_path, monkeypatch, weights,
+                                                                                layers):
+    """Decoding runs a MoE layer, attention, router, routed and shared experts, as one operator
+    (cpu_ops.decoder_layer); its operators one by one (the router operator, Paddle's sort, gather and
+    scatter around the grouped matmuls, its multiply and sum over the slots) give the same logits and
+    KV cache, bit for bit: batch 1 and 3 rows, decoding after a prompt short enough to go through the
+    operator and after one too long."""
+    import torch
+    from test_cpu_ops import assert_the_layer_operator_gives_the_bits_of_its_operators
+
+    reference = save_tiny_moe_pt(tmp_path / "f32", seed=5, num_hidden_layers=3, moe_layer_start_index=0,
+                                 moe_layer_end_index=1, bias_range=(0, 0.02), **LAYER_CONFIGS[layers])
+    directory = tmp_path / "f32"
+    if weights == "bfloat16":
+        reference.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+        directory = tmp_path / "bf16"
+    quantization = weights if weights.startswith("wint") else None
+    pred = ErniePredictor.from_pretrained(directory, device="cpu", dtype="float32", quantization=quantization,
+                                          progress=False)
+    assert layer_kinds(pred) == ["MoE", "MoE", "MLP"]
+    assert_the_layer_operator_gives_the_bits_of_its_operators(
+        pred.model, monkeypatch, ([[5, 6, 7, 8, 9, 10]], [[5, 6, 7, 8, 9, 10, 11, 12], [11, 12], [13, 14, 15]],
+                             [[5, 6, 7, 8, 9] * 8, [11, 12]]), steps=6)
+
+
+@pytest.mark.skipif(not cpu_ops.available(), reason="the CPU kernels are unavailable here")
+@pytest.mark.parametrize("experts,k", [(64, 6), (130, 2), (6, 6)])
+def test_the_router_breaks_ties_as_paddle_topk_does(experts, k):
+    """The router operator chooses among equal scores (here every softmax score is 1 / E, and the
+    correction biases take three values) the experts paddle.topk chooses, in its order, with the same
+    weights."""
+    import paddle
+
+    rng = np.random.default_rng(experts)
+    bias = rng.choice(np.float32([0.0, 0.25, 0.5]), size=(1, experts)).astype(np.float32)
+    rows = 5
+    h = paddle.zeros([rows, 16])
+    gate = paddle.to_tensor(rng.normal(size=(experts, 16)).astype(np.float32))
+    chosen, weights = cpu_ops.route(h, gate, paddle.to_tensor(bias), k, 1e-12)
+    scores = paddle.nn.functional.softmax(paddle.zeros([rows, experts]), axis=-1)
+    _, want = paddle.topk(scores + paddle.to_tensor(bias), k)
+    want_weights = paddle.take_along_axis(scores, want, axis=-1)
+    want_weights = want_weights / paddle.clip(want_weights.sum(-1, keepdim=True), min=1e-12)
+    assert np.array_equal(chosen.numpy(), want.numpy())
+    assert len(np.unique(bias[0, chosen.numpy()[0]])) < k  # ties among the chosen
+    np.testing.assert_array_equal(weights.numpy(), want_weights.numpy())
+
+
 def test_bf16_moe_checkpoint_keeps_the_router_in_float32(tmp_path):
     """A bf16 checkpoint's experts stay bf16 under float32 compute; the router is float32 everywhere."""
     import torch

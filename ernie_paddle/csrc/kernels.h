@@ -27,6 +27,26 @@ QuantMatrix packed_matrix(const paddle::Tensor& data, const paddle::Tensor& scal
 void project(const float* x, int64_t M, const Matrix& w, float* y, int threads);
 void quant_matmul(const float* x, int64_t M, int64_t K, const QuantMatrix& w, float* y, int threads);
 
+// A stack of experts' matrices [E, N, K], each of one kind as a Matrix holds it; `at(e)` is expert e's.
+struct Experts {
+  Matrix first;
+  int64_t E;
+  Matrix at(int64_t e) const;
+};
+// The stack that `data` holds ([E, N, K], or packed [E, N, bytes] with `scales` [E, N, groups]).
+Experts experts_of(const paddle::Tensor& data, const paddle::Tensor& scales, int64_t K, const char* op);
+// Rows offsets[e]..offsets[e + 1] of x [R, K] @ expert e's matrix^T into y [R, N]: each used expert's
+// matrix streamed once for all its rows, the experts nobody chose not read (cpu_moe.cc).
+void project_grouped(const float* x, const int64_t* offsets, const Experts& w, float* y, int threads);
+
+// The router of a MoE layer, as model.MoE.route describes it: for each row of h [M, H], the `top_k`
+// experts chosen [M, top_k] and their weights [M, top_k], from a float32 gate [E, H] and correction bias [E].
+void route(const float* h, int64_t M, const Matrix& gate, const float* bias, int64_t top_k, float norm_min,
+           int64_t* chosen, float* weights, int threads);
+// y [M, H] = the routed experts' outputs for the rows of h [M, H], weighted and added in slot order.
+void routed_experts(const float* h, int64_t M, const int64_t* chosen, const float* weights, int64_t top_k,
+                    const Experts& up_gate, const Experts& down, float* y, int threads);
+
 void rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t H, float eps, int threads);
 void swiglu(const float* x, float* y, int64_t M, int64_t I, int threads);
 
