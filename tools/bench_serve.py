@@ -8,8 +8,9 @@ token of a request arriving while 7 others decode against one on the idle server
     python tools/bench_serve.py --model /work/bench/b03/pt --vllm-python /work/vllm-venv/bin/python \\
         --rounds 3 --json /tmp/serve.json
 
-Every measurement also records the share of the machine's CPU that other processes (not this one,
-not the servers) used while it ran: on a shared machine, the figure that tells a disturbed one.
+Every measurement also records the share of the machine's cores that other processes (not this one,
+not the servers) used while it ran; one where they used more than a tenth is repeated, up to two
+times (the repeated ones are kept in the JSON under "disturbed").
 
 Clients are tools/load_test.py's (greedy, 128 new tokens, EOS suppressed with logit_bias so every
 request generates them all). A checkpoint without tokenizer files (random weights) is served with
@@ -41,6 +42,8 @@ NAME = "bench"
 PROMPT = "The capital of France is"
 NO_EOS = {"2": -100}
 PROBES = 10
+DISTURBED = 0.1  # a measurement during which other processes used more of the cores is repeated
+ATTEMPTS = 3
 VLLM_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # vLLM keeps a core for its scheduler by default: both compute
 
 
@@ -143,32 +146,43 @@ def load(url: str, clients: int, max_tokens: int, probe: int = 0) -> dict:
     return figures
 
 
-def measure(url: str, max_tokens: int, ours: set[int]) -> dict:
-    """One round against one server, each part on an idle CPU."""
+def undisturbed(run, ours: set[int]) -> dict:
+    """run()'s figures, measured from an idle CPU; repeated (at most ATTEMPTS times in all) while other
+    processes used more than DISTURBED of the machine's cores meanwhile, the repeated ones kept."""
     from ernie_paddle.bench import wait_for_idle_cpu
 
+    disturbed = []
+    while True:
+        busy = wait_for_idle_cpu()
+        others = others_cpu(ours)
+        figures = {"cpu_busy_before": busy, **run()}
+        figures["cpu_others_during"] = others()
+        if figures["cpu_others_during"] <= DISTURBED or len(disturbed) + 1 == ATTEMPTS:
+            return {**figures, "disturbed": disturbed}
+        disturbed.append(figures)
+
+
+def measure(url: str, max_tokens: int, ours: set[int]) -> dict:
+    """One round against one server."""
     parts = {}
     for part, clients, probe in [("8 clients", 8, 0), ("1 client", 1, 0), ("busy probe", 7, PROBES),
                                  ("idle probe", 0, PROBES)]:
-        busy = wait_for_idle_cpu()
-        others = others_cpu(ours)
-        figures = load(url, clients, max_tokens, probe)
-        parts[part] = {"cpu_busy_before": busy, "cpu_others_during": others(), **{k: figures[k] for k in (
-            "tokens", "seconds", "tokens_per_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "probe_ttft")}}
+        def run(clients=clients, probe=probe):
+            figures = load(url, clients, max_tokens, probe)
+            return {k: figures[k] for k in ("tokens", "seconds", "tokens_per_s", "ttft_p50", "ttft_p99", "tpot_p50",
+                                            "tpot_p99", "probe_ttft")}
+        parts[part] = undisturbed(run, ours)
     return parts
 
 
 def generate_batch(predictor, max_tokens: int, ours: set[int]) -> dict:
-    from ernie_paddle.bench import wait_for_idle_cpu
-
-    busy = wait_for_idle_cpu()
-    others = others_cpu(ours)
-    start = time.perf_counter()
-    results = predictor.generate([PROMPT] * 8, max_new_tokens=max_tokens)
-    seconds = time.perf_counter() - start
-    tokens = sum(r.generated_tokens for r in results)
-    return {"cpu_busy_before": busy, "cpu_others_during": others(), "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds}
+    def run():
+        start = time.perf_counter()
+        results = predictor.generate([PROMPT] * 8, max_new_tokens=max_tokens)
+        seconds = time.perf_counter() - start
+        tokens = sum(r.generated_tokens for r in results)
+        return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return undisturbed(run, ours)
 
 
 def summary(parts: dict) -> dict:

@@ -265,7 +265,8 @@ def bench_serve_table(data: dict, view: str) -> list[str]:
             "another" + (f"; vLLM computes in {data['vllm_dtype']} on every core" if data.get("vllm_dtype") else "")
         + ". Each measurement starts on an idle CPU; every round is shown. Others' CPU: the most that processes "
           "other than the benchmark and the servers used of the machine's cores during one of the row's "
-          "measurements (other users of a shared machine)."]
+          "measurements (other users of a shared machine); a measurement during which they used more than a tenth "
+          "is repeated, up to two times (the results file keeps the repeated ones)."]
 
 
 RENDERERS = {"check": check_table, "bench": bench_table, "bench_vs_transformers": bench_vs_transformers_table,
