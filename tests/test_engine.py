@@ -122,7 +122,8 @@ def test_rows_joining_and_leaving_get_the_tokens_and_bits_they_get_alone(predict
 def test_a_request_arriving_mid_step_gets_its_first_token_in_that_step_and_the_tokens_of_generate(
         predictor, engine_factory):
     """Requests submitted between two decoder layers of a decode step (a hook of the test's, before the
-    engine's) are prefilled within that step when a slot is free, then decode as they do alone."""
+    engine's) are prefilled within that step when a slot is free, then decode as they do alone (the
+    same logit bits as one at a time)."""
     work = jobs(16, seed=6, most_tokens=20)
     engine = engine_factory(start=False, max_num_seqs=4, max_model_len=64)
     layers = predictor.model.ernie.layers
@@ -154,8 +155,11 @@ def test_a_request_arriving_mid_step_gets_its_first_token_in_that_step_and_the_t
             hook.remove()
     assert not any(layer._forward_pre_hooks for layer in layers)  # the engine's are gone too
     assert mid_step >= 8
+    alone_engine = engine_factory(start=False, max_num_seqs=1, max_model_len=64)
     for (ids, max_tokens), got in zip(work, collectors):
         assert got.tokens() == predictor.generate([ids], max_new_tokens=max_tokens)[0].token_ids
+        [alone] = stepped(alone_engine, [(ids, max_tokens)])
+        assert got.logprobs() == alone.logprobs()
 
 
 def test_the_engine_thread_gives_the_tokens_of_generate(predictor, engine_factory):
