@@ -246,8 +246,8 @@ def main(argv=None) -> int:
                 figures["generate"] = generate_batch(predictor, args.max_tokens, ours)
                 rounds.append(figures)
                 line = ", ".join(f"{system} " + "{tokens_per_s_8:.1f} tok/s with 8 clients, {tokens_per_s_1:.1f} "
-                                 "with 1, TTFT p99 {ttft_p99_busy:.3f} s busy / {ttft_p99_idle:.3f} s idle, others' CPU "
-                                 "up to {cpu_others_during:.0%}".format(
+                                 "with 1, TTFT p99 {ttft_p99_busy:.3f} s busy / {ttft_p99_idle:.3f} s idle, "
+                                 "others' CPU up to {cpu_others_during:.0%}".format(
                                      **figures[system]) for system in servers)
                 print(f"round {r + 1}: {line}; generate of 8 as one batch {figures['generate']['tokens_per_s']:.1f}"
                       " tok/s", flush=True)

@@ -244,7 +244,9 @@ def bench_moe_full_table(data: dict, view: str) -> list[str]:
 
 def bench_serve_table(data: dict, view: str) -> list[str]:
     systems = [system for system in data["rounds"][0] if system != "generate"]
-    others = lambda figures: f"{figures['cpu_others_during']:.0%}" if "cpu_others_during" in figures else ""  # noqa: E731
+    def others(figures: dict) -> str:
+        return f"{figures['cpu_others_during']:.0%}" if "cpu_others_during" in figures else ""
+
     rows = []
     for i, figures in enumerate(data["rounds"], 1):
         generate = figures["generate"]["tokens_per_s"]
