@@ -209,6 +209,10 @@ def main(argv=None) -> int:
 
     from ernie_paddle import ErniePredictor
 
+    # Stopped with SIGTERM (a `timeout`), still stop the servers, which run in sessions of their own
+    # (set after importing Paddle, which installs a handler of its own that aborts).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"{Path(__file__).name}: stopped by SIGTERM"))
+
     rounds, servers, vllm_error = [], {}, None
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
