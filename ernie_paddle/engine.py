@@ -8,6 +8,10 @@ by the mask, while its RoPE positions still count 0..L-1. A new request is prefi
 cache of its own, exactly as `ErniePredictor.generate` runs it alone, and its keys and values are
 copied in to end at the clock. A row then gets the same bits as alone: the masked slots add exact
 zeros, and the CPU attention kernel's sum over the lanes is the same at any offset.
+
+A request that arrives during a decode step is prefilled at the step's next layer boundary (a
+forward pre-hook on each decoder layer), and joins the batch once the step is done: its first token
+waits for one layer of the step instead of the rest of it (docs/serving.md has the measurements).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class Request:
         # tokens whatever runs beside it.
         self.rng = np.random.default_rng(params.seed)
         self.length = 0  # tokens in the KV cache
+        self.prompt_cache: KVCache | None = None  # its prefill's keys and values, until it joins the batch
         self.last_token = 0
         self.row: Row | None = None
         self.counts: dict[int, int] = {}  # generated token -> times, for the OpenAI penalties
@@ -103,7 +108,9 @@ class Engine:
         paddle.set_device(device)
         self.cache = KVCache.allocate(self.config, max_num_seqs, max_model_len, model.dtype_name)
         self.running: list[Request] = []  # running[i] is in slot i
+        self.joining: list[Request] = []  # taken from `waiting` for the free slots; running after the step
         self.waiting: deque[Request] = deque()
+        self.prefilling = False  # a prefill is in progress (the layer hooks must not start another)
         self.clock = 0  # the cache index the next decode step writes at
         self.wake = threading.Condition()
         self.stopping = False
@@ -159,26 +166,40 @@ class Engine:
             self.step()
 
     def step(self):
-        """One turn of the engine: waiting requests join while slots are free, ended ones leave, and
-        the running batch decodes one token. The engine's thread runs it in a loop."""
-        with self.wake:
-            admitted = []
-            while self.waiting and len(self.running) + len(admitted) < self.slots:
-                admitted.append(self.waiting.popleft())
+        """One turn of the engine: waiting requests are prefilled while slots are free, ended ones
+        leave, and the running batch decodes one token. The engine's thread runs it in a loop."""
         try:
             with paddle.no_grad():
-                for request in admitted:
-                    if not self._ended(request):
-                        self._prefill(request)
+                self._prefill_waiting()
+                self._join()
                 for request in [r for r in self.running if self._ended(r)]:
                     self._leave(request)
                 if self.running:
                     self._decode()
+                    self._join()
         except Exception as e:  # a failed step must not take the server down with it
             log.exception("generation step failed")
-            for request in admitted + self.running:
+            for request in self.joining + self.running:
                 self._fail(request, f"internal error: {type(e).__name__}: {e}")
-            self.running, self.clock = [], 0
+            self.running, self.joining, self.clock = [], [], 0
+
+    def _prefill_waiting(self):
+        """Take waiting requests while slots are free and prefill them; they join with `_join`."""
+        while True:
+            with self.wake:
+                if not self.waiting or len(self.running) + len(self.joining) >= self.slots:
+                    return
+                request = self.waiting.popleft()
+                self.joining.append(request)
+            if self._ended(request):
+                self.joining.remove(request)
+            else:
+                self._prefill(request)
+
+    def _prefill_between_layers(self, layer, inputs):
+        """A forward pre-hook on the decoder layers during a decode step: prefills what arrived."""
+        if self.waiting and not self.prefilling:
+            self._prefill_waiting()
 
     def _ended(self, request: Request) -> bool:
         """Whether `request` must stop now: cancelled (it has been told), out of time, or the
@@ -199,12 +220,18 @@ class Engine:
                                 completion_tokens=len(request.row.token_ids) if request.row else 0))
 
     def _prefill(self, request: Request):
+        """Run the prompt alone, as generate does, and hand the request its first token."""
         ids, params = request.prompt_ids, request.params
         length = len(ids)
         cache = KVCache.allocate(self.config, 1, length, self.model.dtype_name)
-        logits = self.model(paddle.to_tensor([ids], dtype="int64"), paddle.arange(length, dtype="int64").unsqueeze(0),
-                            causal_mask(paddle.ones([1, length], "int64"), 0, length), cache, 0,
-                            last_only=not params.prompt_logprobs).numpy()
+        self.prefilling = True
+        try:
+            logits = self.model(paddle.to_tensor([ids], dtype="int64"),
+                                paddle.arange(length, dtype="int64").unsqueeze(0),
+                                causal_mask(paddle.ones([1, length], "int64"), 0, length), cache, 0,
+                                last_only=not params.prompt_logprobs).numpy()
+        finally:
+            self.prefilling = False
         request.row = Row(self.tokenizer, params.stop, self.eos)
         if params.repetition_penalty != 1.0:
             request.seen = np.zeros(self.config.vocab_size, bool)
@@ -216,16 +243,24 @@ class Engine:
                                         for i in range(length - 1)]
         self._advance(request, logits[-1], prompt_logprobs)
         if request.done:
-            return
-        slot = len(self.running)
-        if slot == 0:
-            self.clock = length
-        elif length > self.clock:
-            self._shift(length - self.clock)
-        for pool, new in zip(self.cache.keys + self.cache.values, cache.keys + cache.values):
-            pool[slot:slot + 1, :, self.clock - length:self.clock] = new
-        request.length = length
-        self.running.append(request)
+            self.joining.remove(request)
+        else:
+            request.prompt_cache, request.length = cache, length
+
+    def _join(self):
+        """The prefilled requests take the next slots, their keys ending at the clock."""
+        for request in self.joining:
+            slot, length = len(self.running), request.length
+            if slot == 0:
+                self.clock = length
+            elif length > self.clock:
+                self._shift(length - self.clock)
+            new = request.prompt_cache
+            for pool, keys in zip(self.cache.keys + self.cache.values, new.keys + new.values):
+                pool[slot:slot + 1, :, self.clock - length:self.clock] = keys
+            request.prompt_cache = None
+            self.running.append(request)
+        self.joining = []
 
     def _decode(self):
         if self.clock == self.max_model_len:  # every request fits a slot, so the longest leaves room
@@ -239,8 +274,13 @@ class Engine:
         # The first n slots, sharing the pool's memory (the model writes this step's keys into it):
         # `_slice`, because with FLAGS_use_stride_kernel=0 (custom devices, NPU images) `k[:n]` is a copy.
         cache = KVCache([k._slice(0, n) for k in self.cache.keys], [v._slice(0, n) for v in self.cache.values])
-        logits = self.model(paddle.to_tensor(tokens), paddle.to_tensor(positions), paddle.to_tensor(mask), cache,
-                            clock, last_only=True).numpy()
+        hooks = [layer.register_forward_pre_hook(self._prefill_between_layers) for layer in self.model.ernie.layers]
+        try:
+            logits = self.model(paddle.to_tensor(tokens), paddle.to_tensor(positions), paddle.to_tensor(mask), cache,
+                                clock, last_only=True).numpy()
+        finally:
+            for hook in hooks:
+                hook.remove()
         self.clock += 1
         for i, request in enumerate(self.running):
             request.length += 1

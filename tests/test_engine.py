@@ -119,6 +119,49 @@ def test_rows_joining_and_leaving_get_the_tokens_and_bits_they_get_alone(predict
         assert got.logprobs() == alone.logprobs()
 
 
+def test_a_request_arriving_mid_step_gets_its_first_token_in_that_step_and_the_tokens_of_generate(
+        predictor, engine_factory):
+    """Requests submitted between two decoder layers of a decode step (a hook of the test's, before the
+    engine's) are prefilled within that step when a slot is free, then decode as they do alone (the
+    same logit bits as one at a time)."""
+    work = jobs(16, seed=6, most_tokens=20)
+    engine = engine_factory(start=False, max_num_seqs=4, max_model_len=64)
+    layers = predictor.model.ernie.layers
+    rnd = random.Random(7)
+    arrivals = sorted((rnd.randrange(4 * len(work)), rnd.randrange(len(layers)), i) for i in range(len(work)))
+    collectors = [Collector() for _ in work]
+    step, in_slot, mid_step = 0, [], 0  # the requests submitted mid-step while a slot was free
+
+    def submit_due(layer_index):
+        while arrivals and arrivals[0][:2] <= (step, layer_index):
+            i = arrivals.pop(0)[2]
+            ids, max_tokens = work[i]
+            if len(engine.running) + len(engine.joining) < engine.slots and layer_index < len(layers):
+                in_slot.append(i)
+            engine.submit(Request(ids, SamplingParams(max_tokens=max_tokens, logprobs=0), collectors[i]))
+
+    hooks = [layer.register_forward_pre_hook(lambda layer, _, index=index: None if engine.prefilling
+                                             else submit_due(index)) for index, layer in enumerate(layers)]
+    try:
+        while not all(c.finished.is_set() for c in collectors):
+            in_slot.clear()
+            engine.step()
+            assert all(collectors[i].outputs for i in in_slot)
+            mid_step += len(in_slot)
+            submit_due(len(layers))  # those due in a step without a decode (no running request)
+            step += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not any(layer._forward_pre_hooks for layer in layers)  # the engine's are gone too
+    assert mid_step >= 8
+    alone_engine = engine_factory(start=False, max_num_seqs=1, max_model_len=64)
+    for (ids, max_tokens), got in zip(work, collectors):
+        assert got.tokens() == predictor.generate([ids], max_new_tokens=max_tokens)[0].token_ids
+        [alone] = stepped(alone_engine, [(ids, max_tokens)])
+        assert got.logprobs() == alone.logprobs()
+
+
 def test_the_engine_thread_gives_the_tokens_of_generate(predictor, engine_factory):
     """Requests arriving at random moments while the engine's own thread runs."""
     work = jobs(10, seed=2)

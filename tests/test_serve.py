@@ -367,6 +367,43 @@ def test_32_concurrent_clients_each_get_what_they_get_alone(random_model):
     assert reply.choices[0].message.content == predictor.generate([rendered], max_new_tokens=8)[0].text
 
 
+def test_requests_arriving_while_others_stream_get_what_they_get_alone(random_model):
+    """Two long streams decode while six requests arrive one by one at random moments (so they join
+    mid-step); every answer equals ErniePredictor.generate on that prompt alone."""
+    from ernie_paddle import ErniePredictor
+
+    rnd = np.random.default_rng(1)
+    long_jobs = [([int(t) for t in rnd.integers(3, 400, 5)], 230) for _ in range(2)]
+    short_jobs = [([int(t) for t in rnd.integers(3, 400, rnd.integers(1, 12))], int(rnd.integers(5, 30)))
+                  for _ in range(6)]
+    server = ServerProcess(random_model, "--max-num-seqs", 4, "--max-model-len", 256)
+    finished = {}
+    try:
+        client = server.client()
+
+        def stream(i, ids, max_tokens):
+            chunks = client.completions.create(model=random_model.name, prompt=ids, max_tokens=max_tokens,
+                                               temperature=0, stream=True)
+            text = "".join(chunk.choices[0].text for chunk in chunks)
+            finished[i] = time.monotonic()
+            return text
+
+        with ThreadPoolExecutor(8) as pool:
+            streams = [pool.submit(stream, f"long {i}", *job) for i, job in enumerate(long_jobs)]
+            until(lambda: metric(server.port, "ernie_running_requests") == 2, TIMEOUT_S)
+            shorts = []
+            for i, job in enumerate(short_jobs):
+                time.sleep(rnd.random() * 0.03)
+                shorts.append(pool.submit(stream, f"short {i}", *job))
+            answers = [f.result() for f in streams + shorts]
+    finally:
+        assert server.stop() == 0, server.log
+    assert min(t for k, t in finished.items() if k.startswith("short")) < min(finished["long 0"], finished["long 1"])
+    predictor = ErniePredictor.from_pretrained(random_model, device="cpu", dtype="float32", progress=False)
+    for (ids, max_tokens), answer in zip(long_jobs + short_jobs, answers):
+        assert answer == predictor.generate([ids], max_new_tokens=max_tokens)[0].text
+
+
 # ---- limits: slots, queue, disconnects, API key, time ---------------------------------------
 
 

@@ -244,24 +244,31 @@ def bench_moe_full_table(data: dict, view: str) -> list[str]:
 
 def bench_serve_table(data: dict, view: str) -> list[str]:
     systems = [system for system in data["rounds"][0] if system != "generate"]
+    def others(figures: dict) -> str:
+        return f"{figures['cpu_others_during']:.0%}" if "cpu_others_during" in figures else ""
+
     rows = []
     for i, figures in enumerate(data["rounds"], 1):
         generate = figures["generate"]["tokens_per_s"]
         for system in systems:
             s = figures[system]
             eight, one = s["tokens_per_s_8"], s["tokens_per_s_1"]
+            unquantized = system.startswith("ernie-paddle") and not system.endswith(("wint8", "wint4"))
             rows.append([i, system, f"{eight:.1f}", f"{one:.1f}", f"{eight / one:.2f}x",
-                         f"{eight / generate:.2f}x" if system.startswith("ernie-paddle") else "",
+                         f"{eight / generate:.2f}x" if unquantized else "",
                          f"{s['ttft_p99_busy'] * 1e3:.0f}", f"{s['ttft_p99_idle'] * 1e3:.0f}",
-                         f"{s['ttft_p99_busy'] / s['ttft_p99_idle']:.2f}x"])
+                         f"{s['ttft_p99_busy'] / s['ttft_p99_idle']:.2f}x", others(s)])
         rows.append([i, "ErniePredictor.generate, the 8 prompts as one batch", f"{generate:.1f}", "", "", "", "", "",
-                     ""])
+                     "", others(figures["generate"])])
     return table(["round", "system", "8 clients (tok/s)", "1 client (tok/s)", "8 / 1", "8 clients / generate",
-                  "TTFT p99, 7 decoding (ms)", "TTFT p99, idle (ms)", "busy / idle"], rows) + [
+                  "TTFT p99, 7 decoding (ms)", "TTFT p99, idle (ms)", "busy / idle", "others' CPU"], rows) + [
         "", f"Streaming clients of tools/load_test.py, greedy, {data['max_tokens']} new tokens each (EOS "
             f"suppressed), prompt {data['prompt']!r}; TTFT p99 of {data['probes']} one-token requests sent one after "
             "another" + (f"; vLLM computes in {data['vllm_dtype']} on every core" if data.get("vllm_dtype") else "")
-        + ". Each measurement starts on an idle CPU; every round is shown."]
+        + ". Each measurement starts on an idle CPU; every round is shown. Others' CPU: the most that processes "
+          "other than the benchmark and the servers used of the machine's cores during one of the row's "
+          "measurements (other users of a shared machine); a measurement during which they used more than a tenth "
+          "is repeated, up to two times (the results file keeps the repeated ones)."]
 
 
 RENDERERS = {"check": check_table, "bench": bench_table, "bench_vs_transformers": bench_vs_transformers_table,
