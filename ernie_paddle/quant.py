@@ -166,20 +166,22 @@ def _best_scales(values: np.ndarray, extreme: np.ndarray, levels: np.float32) ->
     llama.cpp's Q4_0 rule; with the search the demo model's wint4 KL to float32 fell from 0.032 to 0.020
     (csrc/cpu_quant.cc: best_scale)."""
     divisors = levels + (np.arange(8, dtype=np.float32) - 7) * (levels / np.float32(32))
-    candidates = (extreme[..., None] / -divisors).astype(np.float16)  # [N, groups, 8]
-    s = candidates.astype(np.float32)
-    inverse = np.divide(np.float32(1), s, out=np.zeros_like(s), where=s != 0)
-    error = np.zeros_like(s)
-    for i in range(values.shape[2]):
-        v = values[:, :, i, None]
-        d = v - np.clip(np.rint(v * inverse), -levels, levels - 1) * s
-        error += d * d
+    with np.errstate(over="ignore", invalid="ignore"):  # a candidate overflowing float16: its error is NaN
+        candidates = (extreme[..., None] / -divisors).astype(np.float16)  # [N, groups, 8]
+        s = candidates.astype(np.float32)
+        inverse = np.divide(np.float32(1), s, out=np.zeros_like(s), where=s != 0)
+        error = np.zeros_like(s)
+        for i in range(values.shape[2]):
+            v = values[:, :, i, None]
+            d = v - np.clip(np.rint(v * inverse), -levels, levels - 1) * s
+            error += d * d
+    error[~(error <= np.finfo(np.float32).max)] = np.inf  # which never wins but when all do
     return np.take_along_axis(candidates, error.argmin(axis=2)[..., None], axis=2)[..., 0]
 
 
 def _interleave(a: np.ndarray, inverse: bool = False) -> np.ndarray:
-    """The groups of 8 rows: the bytes [N, Kp] or [N, Kp / 2] (4 of each row in turn) or the scales [N, groups]
-    (1 of each row in turn); the last N % 8 rows as they are. inverse undoes it."""
+    """The groups of 8 rows: the bytes [N, Kp], [N, Kp / 2] or [N, 3 Kp / 4] (4 of each row in turn) or the
+    scales [N, groups]    (1 of each row in turn); the last N % 8 rows as they are. inverse undoes it."""
     n, width = a.shape
     grouped = n // 8 * 8
     unit = 1 if a.dtype == np.float16 else 4

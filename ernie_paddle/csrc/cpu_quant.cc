@@ -1,4 +1,4 @@
-// Paddle custom operators for weight-only quantized (wint8 / wint4) CPU decoding, over the packed
+// Paddle custom operators for weight-only quantized (wint8 / wint6 / wint4) CPU decoding, over the packed
 // layout of quant.h:
 //
 //   ernie_quant_matmul(x [..., K], data, scales) = x @ W^T       1 to 32 rows, W [N, K] as packed
@@ -177,6 +177,19 @@ std::vector<paddle::Tensor> DequantizeRows(const paddle::Tensor& data, const pad
   return {out};
 }
 
+std::vector<std::vector<int64_t>> DequantizeRowsShape(const std::vector<int64_t>& data,
+                                                      const std::vector<int64_t>& scales,
+                                                      const std::vector<int64_t>& ids, int64_t K) {
+  int64_t n = 1;
+  for (int64_t d : ids) n *= d;
+  return {{n, K}};
+}
+
+std::vector<paddle::DataType> DequantizeRowsDtype(const paddle::DataType& data, const paddle::DataType& scales,
+                                                  const paddle::DataType& ids) {
+  return {paddle::DataType::FLOAT32};
+}
+
 std::vector<std::vector<int64_t>> DequantizeShape(const std::vector<int64_t>& data, const std::vector<int64_t>& scales,
                                                   int64_t K, int threads) {
   return {{data[0], K}};
@@ -191,11 +204,15 @@ constexpr int kScaleCandidates = 8;
 // The float16 scale for wint4 / wint6 (q in -levels .. levels - 1) of a group of weights v[0, G) whose
 // value of largest magnitude is `extreme`: of s = extreme / -d for the divisors d = levels * (1 + j / 32),
 // j = -7 .. 0, the one whose q = clamp(rint(v / s)) leave the least squared error, summed in order in
-// float32 (the first of equals). d = levels is llama.cpp's Q4_0 rule; d > levels, which clips the
+// float32 (the first of equals; a candidate whose error is not finite, a scale overflowing float16,
+// never wins but when all are). d = levels is llama.cpp's Q4_0 rule; d > levels, which clips the
 // extreme, gave the demo model a higher KL to float32 (0.035 against 0.032), and d <= levels 0.020.
-// Without fused multiply-adds, so that numpy (quant.py) gets the same bits.
+// Without fused multiply-adds (GCC's attribute, clang's pragma), so that numpy (quant.py) gets the same bits.
 __attribute__((optimize("fp-contract=off"))) uint16_t best_scale(const float* v, int64_t G, float extreme,
                                                                   float levels) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
   typedef float Candidates __attribute__((vector_size(kScaleCandidates * sizeof(float))));
   uint16_t candidate[kScaleCandidates];
   Candidates s, inverse, error = {};
@@ -217,6 +234,7 @@ __attribute__((optimize("fp-contract=off"))) uint16_t best_scale(const float* v,
     error += d * d;
   }
   int best = 0;
+  for (int c = 0; c < kScaleCandidates; ++c) error[c] = error[c] <= __FLT_MAX__ ? error[c] : __builtin_inff();
   for (int c = 1; c < kScaleCandidates; ++c) best = error[c] < error[best] ? c : best;
   return candidate[best];
 }
@@ -301,7 +319,9 @@ PD_BUILD_OP(ernie_dequantize_rows)
     .Inputs({"Data", "Scales", "Ids"})
     .Outputs({"Out"})
     .Attrs({"K: int64_t"})
-    .SetKernelFn(PD_KERNEL(DequantizeRows));
+    .SetKernelFn(PD_KERNEL(DequantizeRows))
+    .SetInferShapeFn(PD_INFER_SHAPE(DequantizeRowsShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(DequantizeRowsDtype));
 
 PD_BUILD_OP(ernie_dequantize)
     .Inputs({"Data", "Scales"})

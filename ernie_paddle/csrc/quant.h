@@ -58,7 +58,7 @@ struct QuantMatrix {
   const uint8_t* data;     // wint8 bytes are int8
   const uint16_t* scales;  // float16 bits, [N, Kp / group]
   int64_t N, Kp, group;
-  int bits;                // 8 or 4
+  int bits;                // 8, 6 or 4
   int64_t row_bytes() const { return Kp / kQuantBlock * block_bytes(); }
   int block_bytes() const { return bits * kQuantBlock / 8; }
   int64_t grouped_rows() const { return N / kQuantRowGroup * kQuantRowGroup; }
@@ -240,7 +240,7 @@ inline void quant_tile(const QuantRows& x, int64_t x0, const QuantMatrix& w, int
 // and the 4 that meet its high ones) are broadcast to every lane. The unsigned q + 8 (q + 32) times x
 // sum exactly: wint4's in 16 bits (at most 16 x 15 x 127 < 2^15), wint6's in 16 bits a chunk at a
 // time (4 x 63 x 127 < 2^15) and then in 32, with VNNI in 32; then the offset comes off:
-// sum (q - 8) x = sum (q + 8 - 8) x - 8 sum x.
+// sum q x = sum (q + 8) x - 8 sum x.
 template <int BITS, int XR>
 inline void quant_group_tile(const QuantRows& x, int64_t x0, const QuantMatrix& w, int64_t n, float* y,
                              int64_t y_stride) {
