@@ -1,5 +1,5 @@
 """The CPU operators of csrc/ (the decoding matmul and its MoE form, the MoE router, attention, swiglu, RMSNorm,
-and a whole decoder layer, dense or MoE, chaining them) as Paddle custom operators: built
+and the decoder layers, dense or MoE, with the lm_head, chaining them) as Paddle custom operators: built
 once per machine with Paddle's own extension builder, cached, and loaded in milliseconds afterwards.
 The same library has the transposing copy that loads -Paddle checkpoints and the quantizer of quant.py,
 plain C functions, and the weight-only int8 / int4 matmul (csrc/quant.h has its layout).
@@ -121,18 +121,39 @@ def attention(qkv, cos, sin, keys, values, mask, start: int, heads: int, scale: 
                           cpu_threads())[0]
 
 
-def decoder_layer(x, input_norm, qkv, o, cos, sin, keys, values, mask, start: int, heads: int, scale: float,
-                  eps: float, post_norm, up_gate, down, router: tuple | None = None):
-    """A decoder layer in one operator (csrc/cpu_decoder.cc): h = x + the attention over the KV cache (written
-    in place, as `attention` does), then h + the MLP (up_gate, down) of rms_norm(h, post_norm); for a MoE
-    layer, router = (gate, bias, experts' up_gate stack, experts' down stack, top_k, norm_min), and h + the
-    routed experts + the shared ones (up_gate and down, or None). Weight matrices are float32 / bfloat16
-    tensors or packed ones (with `data` and `scales`). After `available()`."""
-    _check_cache(keys, values, "decoder_layer")
-    gate, bias, experts_up_gate, experts_down, top_k, norm_min = router or (_empty(), _empty(), None, None, 0, 0.0)
-    return _run_custom_op("ernie_cpu_decoder_layer", x, input_norm, *_matrix(qkv), *_matrix(o), cos, sin, keys, values,
-                          mask, post_norm, *_matrix(up_gate), *_matrix(down), gate, bias, *_matrix(experts_up_gate),
-                          *_matrix(experts_down), start, heads, scale, eps, top_k, norm_min, cpu_threads())[0]
+def layer_weights(layers) -> list[list]:
+    """The lists of layer weights that `decoder` takes, from each layer's (input_norm, qkv, o, post_norm,
+    up_gate, down, router): router = (gate, bias, experts' up_gate stack, experts' down stack) for a MoE
+    layer, whose up_gate and down are the shared experts' (or None), and None for a dense one. Weight
+    matrices are float32 / bfloat16 tensors or packed ones (with `data` and `scales`)."""
+    rows = []
+    for input_norm, qkv, o, post_norm, up_gate, down, router in layers:
+        gate, bias, experts_up_gate, experts_down = router or (_empty(), _empty(), None, None)
+        rows.append((input_norm, *_matrix(qkv), *_matrix(o), post_norm, *_matrix(up_gate), *_matrix(down), gate, bias,
+                     *_matrix(experts_up_gate), *_matrix(experts_down)))
+    return [list(weights) for weights in zip(*rows)]
+
+
+def decoder(x, positions, freqs, mask, keys: list, values: list, start: int, layers: list[list], heads: int,
+            scale: float, eps: float, rope_ratio: float = 1.0, top_k: int = 0, norm_min: float = 0.0,
+            embedding=None, final_norm=None, head=None, last_only: bool = False):
+    """Decoder layers in one operator (csrc/cpu_decoder.cc), `layers` from `layer_weights`, each with its
+    keys and values (written in place at `start`, as `attention` does), RoPE at `positions` (`rotation`):
+    the hidden states after them, or with final_norm and head (the lm_head matrix) the float32 logits,
+    [B, V] of the last positions when `last_only`. x is the hidden states, or token ids looked up in
+    `embedding`. top_k and norm_min are the MoE router's. After `available()`."""
+    for k, v in zip(keys, values):
+        _check_cache(k, v, "decoder")
+    return _run_custom_op("ernie_cpu_decoder", x, positions, freqs, mask, *_matrix(embedding),
+                          _empty() if final_norm is None else final_norm, *_matrix(head), *layers, keys, values, start,
+                          heads, scale, eps, rope_ratio, top_k, norm_min, last_only, cpu_threads())[0]
+
+
+def rotation(positions, freqs, ratio: float):
+    """RoPE's cos and sin [B, T, 1, D] at int64 positions [B, T] (csrc/cpu_attention.cc): angle = position / ratio
+    * freqs, freqs float32 [D] (one frequency repeated for each pair of channels), sin negated on even
+    channels. After `available()`."""
+    return tuple(_run_custom_op("ernie_rotation", positions, freqs, ratio))
 
 
 def route(h, gate, bias, top_k: int, norm_min: float):

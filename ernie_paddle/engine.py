@@ -9,8 +9,8 @@ cache of its own, exactly as `ErniePredictor.generate` runs it alone, and its ke
 copied in to end at the clock. A row then gets the same bits as alone: the masked slots add exact
 zeros, and the CPU attention kernel's sum over the lanes is the same at any offset.
 
-A request that arrives during a decode step is prefilled at the step's next layer boundary (a
-forward pre-hook on each decoder layer), and joins the batch once the step is done: its first token
+A request that arrives during a decode step is prefilled at the step's next layer boundary (the
+model calls `between_layers` before each layer), and joins the batch once the step is done: its first token
 waits for one layer of the step instead of the rest of it (docs/serving.md has the measurements).
 """
 
@@ -110,7 +110,7 @@ class Engine:
         self.running: list[Request] = []  # running[i] is in slot i
         self.joining: list[Request] = []  # taken from `waiting` for the free slots; running after the step
         self.waiting: deque[Request] = deque()
-        self.prefilling = False  # a prefill is in progress (the layer hooks must not start another)
+        self.prefilling = False  # a prefill is in progress (between_layers must not start another)
         self.clock = 0  # the cache index the next decode step writes at
         self.wake = threading.Condition()
         self.stopping = False
@@ -196,8 +196,8 @@ class Engine:
             else:
                 self._prefill(request)
 
-    def _prefill_between_layers(self, layer, inputs):
-        """A forward pre-hook on the decoder layers during a decode step: prefills what arrived."""
+    def _prefill_between_layers(self):
+        """Called before each decoder layer of a decode step: prefills what arrived."""
         if self.waiting and not self.prefilling:
             self._prefill_waiting()
 
@@ -274,13 +274,8 @@ class Engine:
         # The first n slots, sharing the pool's memory (the model writes this step's keys into it):
         # `_slice`, because with FLAGS_use_stride_kernel=0 (custom devices, NPU images) `k[:n]` is a copy.
         cache = KVCache([k._slice(0, n) for k in self.cache.keys], [v._slice(0, n) for v in self.cache.values])
-        hooks = [layer.register_forward_pre_hook(self._prefill_between_layers) for layer in self.model.ernie.layers]
-        try:
-            logits = self.model(paddle.to_tensor(tokens), paddle.to_tensor(positions), paddle.to_tensor(mask), cache,
-                                clock, last_only=True).numpy()
-        finally:
-            for hook in hooks:
-                hook.remove()
+        logits = self.model(paddle.to_tensor(tokens), paddle.to_tensor(positions), paddle.to_tensor(mask), cache,
+                            clock, last_only=True, between_layers=self._prefill_between_layers).numpy()
         self.clock += 1
         for i, request in enumerate(self.running):
             request.length += 1

@@ -132,7 +132,9 @@ class Rope:
         return paddle.index_select(h, self.swap, axis=-1)
 
     def at(self, positions: paddle.Tensor) -> "Rotation":
-        """The rotation for integer positions [B, T]."""
+        """The rotation for integer positions [B, T]; on CPU one operator (the decoder operator's)."""
+        if positions.place.is_cpu_place() and cpu_ops.available():
+            return Rotation(*cpu_ops.rotation(positions, self.freqs, self.compression_ratio), self)
         pos = positions.astype("float32")
         if self.compression_ratio != 1.0:
             pos = pos / self.compression_ratio
@@ -166,10 +168,11 @@ def attention_on_cpu(x, cache) -> bool:
     return cache is not None and x.place.is_cpu_place() and x.dtype == paddle.float32 and cpu_ops.available()
 
 
-def layer_on_cpu(x, cache) -> bool:
-    """Whether a decoder layer runs as one CPU operator (cpu_ops.decoder_layer): a few rows, with the
-    attention on CPU."""
-    return attention_on_cpu(x, cache) and math.prod(x.shape[:-1]) <= cpu_ops.MAX_ROWS
+def decoder_on_cpu(input_ids, cache, dtype: str) -> bool:
+    """Whether the model runs as one CPU operator (cpu_ops.decoder), from the embedding to the lm_head: a few
+    rows, float32 compute on CPU, with a KV cache (as the attention operator of cpu_ops.py)."""
+    return cache is not None and input_ids.place.is_cpu_place() and dtype == "float32" and cpu_ops.available() \
+        and math.prod(input_ids.shape) <= cpu_ops.MAX_ROWS
 
 
 @dataclass
@@ -270,7 +273,7 @@ class MoE(nn.Layer):
 
     def route(self, h):
         """The experts chosen for each row of h [M, H], [M, top_k] int64, and their weights, float32. On CPU
-        one operator, the router of the layer operator (DecoderLayer.decode_on_cpu): the same bits."""
+        one operator, the router of the decoder operator (ErnieForCausalLM.decode_on_cpu): the same bits."""
         bias = self.moe_statics.e_score_correction_bias
         if h.place.is_cpu_place() and cpu_ops.available():
             return cpu_ops.route(h.astype("float32"), self.gate.weight, bias, self.top_k, self.norm_min)
@@ -342,25 +345,19 @@ class DecoderLayer(nn.Layer):
         self.mlp = MoE(config, weight_dtype) if moe else MLP(config, weight_dtype)
 
     def forward(self, x, rotate, mask, cache_kv, start):
-        if layer_on_cpu(x, cache_kv):
-            return self.decode_on_cpu(x, rotate, mask, cache_kv, start)
         x = x + self.self_attn(self.input_layernorm(x), rotate, mask, cache_kv, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode_on_cpu(self, x, rotate, mask, cache_kv, start):
-        """The layer as one CPU operator when it takes a few rows (decoding, short prompts): the kernels
-        the sublayers call, in their order, without their operator dispatches (8 of a dense layer: a third
-        of a wint4 0.3B decoding step; ~30 of a MoE one)."""
-        attn, mlp, router = self.self_attn, self.mlp, None
+    def cpu_weights(self) -> tuple:
+        """The layer's weights as cpu_ops.layer_weights takes them."""
+        mlp, router = self.mlp, None
         if isinstance(mlp, MoE):
             router = (mlp.gate.weight, mlp.moe_statics.e_score_correction_bias, mlp.experts.up_gate_proj,
-                      mlp.experts.down_proj, mlp.top_k, mlp.norm_min)
+                      mlp.experts.down_proj)
             mlp = mlp.shared_experts
         up_gate, down = (mlp.up_gate_proj, mlp.down_proj) if mlp is not None else (None, None)
-        return cpu_ops.decoder_layer(x, self.input_layernorm.weight, attn.qkv_proj, attn.o_proj, rotate.cos,
-                                     rotate.sin, *cache_kv, mask, start, attn.heads, attn.scale,
-                                     self.input_layernorm.eps, self.post_attention_layernorm.weight, up_gate, down,
-                                     router)
+        return (self.input_layernorm.weight, self.self_attn.qkv_proj, self.self_attn.o_proj,
+                self.post_attention_layernorm.weight, up_gate, down, router)
 
 
 class ErnieForCausalLM(nn.Layer):
@@ -408,11 +405,14 @@ class ErnieForCausalLM(nn.Layer):
         return {name: p if e is None or isinstance(p, Packed) else p[e] for name, (p, e) in self.load_targets().items()}
 
     def forward(self, input_ids, positions, mask, cache: KVCache | None = None, start: int = 0,
-                last_only: bool = False):
+                last_only: bool = False, between_layers=None):
         """input_ids, positions: [B, T] int64; mask: additive float32 [B, T, S], causal, over the S
         keys attended: the T new tokens when `start` is 0 or there is no cache, else the whole cache
         (the positions not written yet masked).
-        Returns float32 logits [B, T, V], or [B, V] for the last position when `last_only`."""
+        Returns float32 logits [B, T, V], or [B, V] for the last position when `last_only`.
+        `between_layers`, if given, is called before each layer (the server prefills arrivals there)."""
+        if decoder_on_cpu(input_ids, cache, self.dtype_name):
+            return self.decode_on_cpu(input_ids, positions, mask, cache, start, last_only, between_layers)
         table = self.ernie.embed_tokens
         x = table.dequantized(input_ids) if isinstance(table, Packed) else F.embedding(input_ids, table)
         if self.weight_dtype != self.dtype_name:
@@ -421,16 +421,44 @@ class ErnieForCausalLM(nn.Layer):
         if not attention_on_cpu(x, cache):
             mask = self.ernie.layers[0].self_attn.expand_mask(mask)
         for i, layer in enumerate(self.ernie.layers):
+            if between_layers is not None:
+                between_layers()
             cache_kv = (cache.keys[i], cache.values[i]) if cache is not None else None
             x = layer(x, rotate, mask, cache_kv, start)
         if last_only:
             x = x[:, -1]
         x = self.ernie.norm(x)
-        if self.lm_head is None:
-            logits = project(x, self.ernie.embed_tokens)
-        else:
-            logits = project(x, self.lm_head)
-        return logits.astype("float32")
+        return project(x, self.head).astype("float32")
+
+    @property
+    def head(self):
+        return self.ernie.embed_tokens if self.lm_head is None else self.lm_head
+
+    @functools.cached_property
+    def cpu_layer_weights(self) -> list[list]:
+        return cpu_ops.layer_weights([layer.cpu_weights() for layer in self.ernie.layers])
+
+    def decode_on_cpu(self, input_ids, positions, mask, cache: KVCache, start: int, last_only: bool,
+                      between_layers):
+        """The model as one CPU operator when it takes a few rows (decoding, short prompts): the kernels
+        its sublayers call, in their order, without their operator dispatches and Python calls (30-60 us
+        a layer: a tenth of a wint4 0.3B decoding step). With `between_layers`, one call a layer, each
+        after calling it."""
+        attn, moe, rope = self.ernie.layers[0].self_attn, self.config.moe, self.rope
+        settings = dict(heads=attn.heads, scale=attn.scale, eps=self.ernie.norm.eps, rope_ratio=rope.compression_ratio,
+                        top_k=moe.top_k if moe else 0, norm_min=moe.norm_min if moe else 0.0,
+                        embedding=self.ernie.embed_tokens)
+        ends = dict(final_norm=self.ernie.norm.weight, head=self.head, last_only=last_only)
+        layers, n = self.cpu_layer_weights, len(cache.keys)
+        if between_layers is None:
+            return cpu_ops.decoder(input_ids, positions, rope.freqs, mask, cache.keys, cache.values, start, layers,
+                                   **settings, **ends)
+        x = input_ids
+        for i in range(n):
+            between_layers()
+            x = cpu_ops.decoder(x, positions, rope.freqs, mask, cache.keys[i:i + 1], cache.values[i:i + 1], start,
+                                [weights[i:i + 1] for weights in layers], **settings, **(ends if i + 1 == n else {}))
+        return x
 
 
 def _checkpoint_name(parameter_name: str) -> str:

@@ -250,20 +250,22 @@ def test_a_damaged_library_is_removed_and_rebuilt(tmp_path):
     assert "kernels are unavailable" in damaged.stderr and not library.exists() and built
 
 
-def decode_logits(model, prompts, steps):
+def decode_logits(model, prompts, steps, between_layers=None):
     """Logits of a left-padded batch: the prompt, then `steps` teacher-forced tokens, fed to the
-    model as generate.decode_steps feeds it."""
+    model as generate.decode_steps feeds it (with `between_layers`, as the server's engine does)."""
     from ernie_paddle.generate import left_padded, step_masks
     from ernie_paddle.model import KVCache, causal_mask
     tokens, positions, valid = left_padded(prompts, steps)
     batch, length = tokens.shape
     step_mask = step_masks(valid)
     cache = KVCache.allocate(model.config, batch, valid.shape[1], "float32")
-    out = [model(tokens, positions[:, :length], causal_mask(valid, 0, length), cache, 0, last_only=True)]
+    out = [model(tokens, positions[:, :length], causal_mask(valid, 0, length), cache, 0, last_only=True,
+                 between_layers=between_layers)]
     for step in range(steps):
         pos = length + step
         token = paddle.full([batch, 1], 7 + step, "int64")
-        out.append(model(token, positions[:, pos:pos + 1], step_mask(pos), cache, pos, last_only=True))
+        out.append(model(token, positions[:, pos:pos + 1], step_mask(pos), cache, pos, last_only=True,
+                         between_layers=between_layers))
     return np.stack([o.numpy() for o in out]), [k.numpy() for k in cache.keys]
 
 
@@ -280,13 +282,14 @@ def test_fused_attention_matches_the_plain_path(tmp_path, monkeypatch, heads, kv
     model = ErniePredictor.from_pretrained(tmp_path, device="cpu", progress=False).model
     prompts = [[5, 6, 7, 8, 9] * 8, [11, 12], [13, 14, 15]]
     calls = []
-    for name in ("attention", "decoder_layer"):  # the prompt's layers and the steps' (cpu_decoder.cc)
-        monkeypatch.setattr(cpu_ops, name, lambda *a, real=getattr(cpu_ops, name): calls.append(1) or real(*a))
+    for name in ("attention", "decoder"):  # the prompt's layers, and each step's decoder (cpu_decoder.cc)
+        monkeypatch.setattr(cpu_ops, name, lambda *a, real=getattr(cpu_ops, name), **k: calls.append(1) or real(*a, **k))
     fused, fused_keys = decode_logits(model, prompts, 6)
-    assert len(calls) == 7 * model.config.num_hidden_layers  # the prompt and 6 steps
+    assert len(calls) == model.config.num_hidden_layers + 6
     monkeypatch.setattr(model_module, "attention_on_cpu", lambda *a: False)
+    monkeypatch.setattr(model_module, "decoder_on_cpu", lambda *a: False)
     plain, plain_keys = decode_logits(model, prompts, 6)
-    assert len(calls) == 7 * model.config.num_hidden_layers
+    assert len(calls) == model.config.num_hidden_layers + 6
     np.testing.assert_allclose(fused, plain, rtol=0, atol=1e-5)
     for a, b in zip(fused_keys, plain_keys):  # the cache the fused op wrote, RoPE included
         for row, prompt in enumerate(prompts):  # (padding's own hidden states are garbage either way)
@@ -357,10 +360,11 @@ def test_attention_gives_the_same_bits_wherever_a_rows_keys_sit(head_dim):
 @pytest.mark.parametrize("moe,dtype,quantization", [(False, "float32", None), (False, "bfloat16", None),
                                                     (False, "float32", "wint8"), (False, "bfloat16", "wint4"),
                                                     (True, "float32", None), (True, "float32", "wint4")])
-def test_a_layer_in_one_operator_gives_the_bits_of_its_operators_one_by_one(tmp_path, monkeypatch, moe, dtype,
-                                                                            quantization):
-    """Decoding runs each layer as one operator (cpu_ops.decoder_layer); the same kernels called one
-    by one give the same logits and cache, bit for bit: for each weight format, dense and MoE layers
+def test_the_decoder_in_one_operator_gives_the_bits_of_its_operators_one_by_one(tmp_path, monkeypatch, moe, dtype,
+                                                                              quantization):
+    """Decoding runs the layers, the final norm and the lm_head as one operator (cpu_ops.decoder), or
+    one call a layer when the server's engine passes `between_layers`; the same kernels called one by
+    one give the same logits and cache, bit for bit: for each weight format, dense and MoE layers
     (tests/test_moe.py has more MoE ones), prompts short enough to go through it (24 rows) and one too
     long (prefilled by the sublayers, then decoded by it)."""
     from conftest import save_tiny_moe_pt, save_tiny_pt
@@ -370,30 +374,39 @@ def test_a_layer_in_one_operator_gives_the_bits_of_its_operators_one_by_one(tmp_
     else:
         save_tiny_pt(tmp_path, dtype=dtype, num_hidden_layers=3)
     model = ErniePredictor.from_pretrained(tmp_path, device="cpu", quantization=quantization, progress=False).model
-    assert_the_layer_operator_gives_the_bits_of_its_operators(
+    assert_the_decoder_operator_gives_the_bits_of_its_operators(
         model, monkeypatch, ([[5, 6, 7, 8, 9, 10, 11, 12], [11, 12], [13, 14, 15]], [[5, 6, 7, 8, 9] * 8, [11, 12]]))
 
 
-def assert_the_layer_operator_gives_the_bits_of_its_operators(model, monkeypatch, prompt_sets, steps: int = 5):
-    """For each batch of prompts, the logits and KV cache of decoding `steps` tokens with each layer as one
-    operator equal, bit for bit, those with the layers' separate operators; the operator runs for every
-    layer at every step, and for the prompt too when it has at most cpu_ops.MAX_ROWS rows."""
+def assert_the_decoder_operator_gives_the_bits_of_its_operators(model, monkeypatch, prompt_sets, steps: int = 5):
+    """For each batch of prompts, the logits and KV cache of decoding `steps` tokens with the decoder as
+    one operator, and as one operator call a layer (`between_layers`, called before each), equal bit for
+    bit those with the layers' separate operators; the operator runs at every step, and for the prompt
+    too when it has at most cpu_ops.MAX_ROWS rows."""
     from ernie_paddle import model as model_module
-    calls = []
-    real = cpu_ops.decoder_layer
-    monkeypatch.setattr(cpu_ops, "decoder_layer", lambda *a: calls.append(1) or real(*a))
+    calls, between = [], []
+    real = cpu_ops.decoder
+    monkeypatch.setattr(cpu_ops, "decoder", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layers = model.config.num_hidden_layers
     for prompts in prompt_sets:
         calls.clear()
         fused, fused_keys = decode_logits(model, prompts, steps)
         short = len(prompts[0]) * len(prompts) <= cpu_ops.MAX_ROWS
-        assert len(calls) == (steps + 1 if short else steps) * model.config.num_hidden_layers
+        forwards = steps + 1 if short else steps
+        assert len(calls) == forwards
+        calls.clear()
+        by_layer, by_layer_keys = decode_logits(model, prompts, steps, between_layers=lambda: between.append(1))
+        assert len(calls) == forwards * layers and len(between) == (steps + 1) * layers
+        between.clear()
         with monkeypatch.context() as m:
-            m.setattr(model_module, "layer_on_cpu", lambda *a: False)
+            m.setattr(model_module, "decoder_on_cpu", lambda *a: False)
             separate, separate_keys = decode_logits(model, prompts, steps)
-        assert len(calls) == (steps + 1 if short else steps) * model.config.num_hidden_layers
+        assert len(calls) == forwards * layers
         np.testing.assert_array_equal(fused, separate)
-        for a, b in zip(fused_keys, separate_keys):
-            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(by_layer, separate)
+        for a, b, c in zip(fused_keys, by_layer_keys, separate_keys):
+            np.testing.assert_array_equal(a, c)
+            np.testing.assert_array_equal(b, c)
 
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")

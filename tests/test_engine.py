@@ -121,8 +121,8 @@ def test_rows_joining_and_leaving_get_the_tokens_and_bits_they_get_alone(predict
 
 def test_a_request_arriving_mid_step_gets_its_first_token_in_that_step_and_the_tokens_of_generate(
         predictor, engine_factory):
-    """Requests submitted between two decoder layers of a decode step (a hook of the test's, before the
-    engine's) are prefilled within that step when a slot is free, then decode as they do alone (the
+    """Requests submitted between two decoder layers of a decode step (by the test, before the engine's
+    between_layers) are prefilled within that step when a slot is free, then decode as they do alone (the
     same logit bits as one at a time)."""
     work = jobs(16, seed=6, most_tokens=20)
     engine = engine_factory(start=False, max_num_seqs=4, max_model_len=64)
@@ -140,20 +140,22 @@ def test_a_request_arriving_mid_step_gets_its_first_token_in_that_step_and_the_t
                 in_slot.append(i)
             engine.submit(Request(ids, SamplingParams(max_tokens=max_tokens, logprobs=0), collectors[i]))
 
-    hooks = [layer.register_forward_pre_hook(lambda layer, _, index=index: None if engine.prefilling
-                                             else submit_due(index)) for index, layer in enumerate(layers)]
-    try:
-        while not all(c.finished.is_set() for c in collectors):
-            in_slot.clear()
-            engine.step()
-            assert all(collectors[i].outputs for i in in_slot)
-            mid_step += len(in_slot)
-            submit_due(len(layers))  # those due in a step without a decode (no running request)
-            step += 1
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert not any(layer._forward_pre_hooks for layer in layers)  # the engine's are gone too
+    engine_between_layers, before = engine._prefill_between_layers, [0]  # the layer about to run
+
+    def between_layers():  # the model calls it before each layer of a decode step: the test's, then the engine's
+        submit_due(before[0])
+        before[0] += 1
+        engine_between_layers()
+
+    engine._prefill_between_layers = between_layers
+    while not all(c.finished.is_set() for c in collectors):
+        in_slot.clear()
+        before[0] = 0
+        engine.step()
+        assert all(collectors[i].outputs for i in in_slot)
+        mid_step += len(in_slot)
+        submit_due(len(layers))  # those due in a step without a decode (no running request)
+        step += 1
     assert mid_step >= 8
     alone_engine = engine_factory(start=False, max_num_seqs=1, max_model_len=64)
     for (ids, max_tokens), got in zip(work, collectors):

@@ -142,12 +142,12 @@ LAYER_CONFIGS = {"e8-k3-shared2": dict(moe_num_experts=8, moe_k=3, moe_num_share
 def test_a_moe_layer_in_one_operator_gives_the_bits_of_its_operators_one_by_one(tmp_path, monkeypatch, weights,
                                                                                 layers):
     """Decoding runs a MoE layer, attention, router, routed and shared experts, as one operator
-    (cpu_ops.decoder_layer); its operators one by one (the router operator, Paddle's sort, gather and
+    (cpu_ops.decoder); its operators one by one (the router operator, Paddle's sort, gather and
     scatter around the grouped matmuls, its multiply and sum over the slots) give the same logits and
     KV cache, bit for bit: batch 1 and 3 rows, decoding after a prompt short enough to go through the
     operator and after one too long."""
     import torch
-    from test_cpu_ops import assert_the_layer_operator_gives_the_bits_of_its_operators
+    from test_cpu_ops import assert_the_decoder_operator_gives_the_bits_of_its_operators
 
     reference = save_tiny_moe_pt(tmp_path / "f32", seed=5, num_hidden_layers=3, moe_layer_start_index=0,
                                  moe_layer_end_index=1, bias_range=(0, 0.02), **LAYER_CONFIGS[layers])
@@ -159,7 +159,7 @@ def test_a_moe_layer_in_one_operator_gives_the_bits_of_its_operators_one_by_one(
     pred = ErniePredictor.from_pretrained(directory, device="cpu", dtype="float32", quantization=quantization,
                                           progress=False)
     assert layer_kinds(pred) == ["MoE", "MoE", "MLP"]
-    assert_the_layer_operator_gives_the_bits_of_its_operators(
+    assert_the_decoder_operator_gives_the_bits_of_its_operators(
         pred.model, monkeypatch, ([[5, 6, 7, 8, 9, 10]], [[5, 6, 7, 8, 9, 10, 11, 12], [11, 12], [13, 14, 15]],
                              [[5, 6, 7, 8, 9] * 8, [11, 12]]), steps=6)
 

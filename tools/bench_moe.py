@@ -200,11 +200,11 @@ def distinct_experts(model, prompts, new_tokens: int) -> float:
 
     for layer, route in zip(layers, originals):
         layer.route = recording(route)
-    layer_on_cpu, model_module.layer_on_cpu = model_module.layer_on_cpu, lambda *a: False
+    decoder_on_cpu, model_module.decoder_on_cpu = model_module.decoder_on_cpu, lambda *a: False
     try:
         time_generation(model, prompts, new_tokens)
     finally:
-        model_module.layer_on_cpu = layer_on_cpu
+        model_module.decoder_on_cpu = decoder_on_cpu
         for layer in layers:
             del layer.route
     return float(np.mean(counts))

@@ -194,7 +194,35 @@ ernie::AttentionShape ernie::attention_shape(const paddle::Tensor& qkv, const pa
   return {B, T, H, KV, D, L, S};
 }
 
+void ernie::rotation(const int64_t* positions, int64_t M, const float* freqs, int64_t D, float ratio, float* cos,
+                     float* sin) {
+  for (int64_t m = 0; m < M; ++m) {
+    float p = static_cast<float>(positions[m]);
+    if (ratio != 1.f) p = p / ratio;
+    for (int64_t d = 0; d < D; ++d) {
+      const float angle = p * freqs[d];
+      cos[m * D + d] = std::cos(angle);
+      sin[m * D + d] = d % 2 == 0 ? -std::sin(angle) : std::sin(angle);
+    }
+  }
+}
+
 namespace {
+
+std::vector<paddle::Tensor> Rotation(const paddle::Tensor& positions_in, const paddle::Tensor& freqs, float ratio) {
+  const char* op = "ernie_rotation";
+  PD_CHECK(positions_in.is_cpu() && positions_in.dtype() == paddle::DataType::INT64 && freqs.is_cpu() &&
+               freqs.dtype() == paddle::DataType::FLOAT32 && freqs.is_contiguous() && freqs.shape().size() == 1, op,
+           ": positions must be int64 and freqs float32 [D], on the CPU");
+  const paddle::Tensor positions = positions_in.contiguous();
+  std::vector<int64_t> shape = positions.shape();
+  shape.insert(shape.end(), {1, freqs.numel()});
+  paddle::Tensor cos = paddle::empty(shape, paddle::DataType::FLOAT32, freqs.place());
+  paddle::Tensor sin = paddle::empty(shape, paddle::DataType::FLOAT32, freqs.place());
+  rotation(positions.data<int64_t>(), positions.numel(), freqs.data<float>(), freqs.numel(), ratio, cos.data<float>(),
+           sin.data<float>());
+  return {cos, sin};
+}
 
 std::vector<paddle::Tensor> CpuAttention(const paddle::Tensor& qkv_in, const paddle::Tensor& cos_in,
                                          const paddle::Tensor& sin_in, paddle::Tensor& keys, paddle::Tensor& values,
@@ -217,3 +245,9 @@ PD_BUILD_OP(ernie_cpu_attention)
     .SetInplaceMap({{"Keys", "KeysOut"}, {"Values", "ValuesOut"}})
     .Attrs({"start: int", "heads: int", "scale: float", "threads: int"})
     .SetKernelFn(PD_KERNEL(CpuAttention));
+
+PD_BUILD_OP(ernie_rotation)
+    .Inputs({"Positions", "Freqs"})
+    .Outputs({"Cos", "Sin"})
+    .Attrs({"ratio: float"})
+    .SetKernelFn(PD_KERNEL(Rotation));

@@ -99,7 +99,9 @@ typedef int32_t Ints __attribute__((vector_size(16 * sizeof(int32_t))));
 typedef int8_t Bytes __attribute__((vector_size(16)));
 typedef uint8_t UBytes __attribute__((vector_size(16)));
 
-void dequantize_row(const QuantMatrix& w, int64_t n, float* out) {
+}  // namespace
+
+void ernie::dequantize_row(const QuantMatrix& w, int64_t n, float* out) {
   // The layout's addresses, stepped along the row (QuantMatrix::chunk and scale per block: 2x as slow).
   const bool grouped = n < w.grouped_rows();
   const int bytes = w.block_bytes();
@@ -136,6 +138,8 @@ void dequantize_row(const QuantMatrix& w, int64_t n, float* out) {
     std::memcpy(out + k + 16, &high, sizeof(high));
   }
 }
+
+namespace {
 
 std::vector<paddle::Tensor> Dequantize(const paddle::Tensor& data, const paddle::Tensor& scales, int64_t K,
                                        int threads) {

@@ -26,6 +26,8 @@ QuantMatrix packed_matrix(const paddle::Tensor& data, const paddle::Tensor& scal
 // y [M, N] = x [M, K] @ W^T: the decoding kernel for the matrix's kind (cpu_matmul.cc, cpu_quant.cc).
 void project(const float* x, int64_t M, const Matrix& w, float* y, int threads);
 void quant_matmul(const float* x, int64_t M, int64_t K, const QuantMatrix& w, float* y, int threads);
+// Row n of a packed matrix, w.Kp values (the padding's are 0).
+void dequantize_row(const QuantMatrix& w, int64_t n, float* out);
 
 // A stack of experts' matrices [E, N, K], each of one kind as a Matrix holds it; `at(e)` is expert e's.
 struct Experts {
@@ -59,6 +61,9 @@ struct AttentionShape {
 AttentionShape attention_shape(const paddle::Tensor& qkv, const paddle::Tensor& cos, const paddle::Tensor& sin,
                                const paddle::Tensor& keys, const paddle::Tensor& values, const paddle::Tensor& mask,
                                int64_t start, int64_t heads, const char* op);
+// RoPE's cos and sin [M, D] at integer positions [M], as model.Rope computes them: angle = position / ratio *
+// freqs[d] (freqs repeated for each pair of channels), sin negated on even channels.
+void rotation(const int64_t* positions, int64_t M, const float* freqs, int64_t D, float ratio, float* cos, float* sin);
 void attention(const float* qkv, const float* cos, const float* sin, float* keys, float* values, const float* mask,
                const AttentionShape& shape, int64_t start, float scale, float* out, int threads);
 
