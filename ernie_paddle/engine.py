@@ -9,9 +9,10 @@ cache of its own, exactly as `ErniePredictor.generate` runs it alone, and its ke
 copied in to end at the clock. A row then gets the same bits as alone: the masked slots add exact
 zeros, and the CPU attention kernel's sum over the lanes is the same at any offset.
 
-A request that arrives during a decode step is prefilled at the step's next layer boundary (the
-model calls `between_layers` before each layer), and joins the batch once the step is done: its first token
-waits for one layer of the step instead of the rest of it (docs/serving.md has the measurements).
+A request that arrives during a decode step while a slot is free is prefilled at the step's next layer
+boundary (the model calls `between_layers` before each layer), and joins the batch once the step is
+done: its first token waits for one layer of the step instead of the rest of it (docs/serving.md has the
+measurements). With every slot taken, the step runs whole.
 """
 
 from __future__ import annotations
@@ -274,8 +275,11 @@ class Engine:
         # The first n slots, sharing the pool's memory (the model writes this step's keys into it):
         # `_slice`, because with FLAGS_use_stride_kernel=0 (custom devices, NPU images) `k[:n]` is a copy.
         cache = KVCache([k._slice(0, n) for k in self.cache.keys], [v._slice(0, n) for v in self.cache.values])
+        # Arrivals are prefilled between layers only into a free slot; with none, the step runs whole (on
+        # CPU one operator instead of one a layer).
+        free = n + len(self.joining) < self.slots
         logits = self.model(paddle.to_tensor(tokens), paddle.to_tensor(positions), paddle.to_tensor(mask), cache,
-                            clock, last_only=True, between_layers=self._prefill_between_layers).numpy()
+                            clock, last_only=True, between_layers=self._prefill_between_layers if free else None).numpy()
         self.clock += 1
         for i, request in enumerate(self.running):
             request.length += 1
