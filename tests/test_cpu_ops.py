@@ -250,6 +250,34 @@ def test_a_damaged_library_is_removed_and_rebuilt(tmp_path):
     assert "kernels are unavailable" in damaged.stderr and not library.exists() and built
 
 
+@needs_ops
+@pytest.mark.parametrize("ratio", [1.0, 0.25])
+def test_the_rotation_operator_gives_ropes_angles_correctly_rounded(ratio):
+    """RoPE's cos and sin on CPU (one operator, which the decoder operator also runs): for the angles
+    position / ratio * freq in float32, as model.Rope forms them, cos and sin within an ulp of the exact
+    values (glibc's; Paddle's vectorised cos and sin are looser), sin negated on even channels; the
+    positions reach the 0.3B model's 131072."""
+    from ernie_paddle.config import ErnieConfig
+    from ernie_paddle.model import Rope
+    config = ErnieConfig.from_dict(dict(model_type="ernie4_5", hidden_size=256, num_attention_heads=2, num_key_value_heads=1,
+                                        rope_theta=500000.0, compression_ratio=ratio, vocab_size=8,
+                                        intermediate_size=8, num_hidden_layers=1, max_position_embeddings=131072))
+    rope = Rope(config)
+    positions = np.random.default_rng(0).integers(0, 131072, size=(3, 5))
+    rotation = rope.at(paddle.to_tensor(positions))
+    pos = positions.astype(np.float32)
+    if ratio != 1.0:
+        pos = pos / np.float32(ratio)
+    angles = (pos[..., None] * rope.freqs.numpy())[:, :, None, :]
+    assert angles.dtype == np.float32
+    signs = np.tile(np.float32([-1, 1]), 64)
+    for got, want in ((rotation.cos, np.cos(angles.astype(np.float64))),
+                      (rotation.sin, np.sin(angles.astype(np.float64)) * signs)):
+        got = got.numpy()
+        assert got.shape == (3, 5, 1, 128)
+        assert np.all(np.abs(got - want) <= np.spacing(np.abs(want).astype(np.float32)))
+
+
 def decode_logits(model, prompts, steps, between_layers=None):
     """Logits of a left-padded batch: the prompt, then `steps` teacher-forced tokens, fed to the
     model as generate.decode_steps feeds it (with `between_layers`, as the server's engine does)."""
