@@ -171,8 +171,8 @@ def attention_on_cpu(x, cache) -> bool:
 def decoder_on_cpu(input_ids, cache, dtype: str) -> bool:
     """Whether the model runs as one CPU operator (cpu_ops.decoder), from the embedding to the lm_head: a few
     rows, float32 compute on CPU, with a KV cache (as the attention operator of cpu_ops.py)."""
-    return cache is not None and input_ids.place.is_cpu_place() and dtype == "float32" and cpu_ops.available() \
-        and math.prod(input_ids.shape) <= cpu_ops.MAX_ROWS
+    return cache is not None and cache.keys[0].place.is_cpu_place() and dtype == "float32" and cpu_ops.available() \
+        and 0 < math.prod(input_ids.shape) <= cpu_ops.MAX_ROWS
 
 
 @dataclass
@@ -432,10 +432,12 @@ class ErnieForCausalLM(nn.Layer):
 
     @property
     def head(self):
+        """The lm_head matrix: the tied embedding, or a matrix of its own."""
         return self.ernie.embed_tokens if self.lm_head is None else self.lm_head
 
     @functools.cached_property
     def cpu_layer_weights(self) -> list[list]:
+        # Built once: the loader writes into the parameters' tensors in place, so these stay the model's.
         return cpu_ops.layer_weights([layer.cpu_weights() for layer in self.ernie.layers])
 
     def decode_on_cpu(self, input_ids, positions, mask, cache: KVCache, start: int, last_only: bool,
@@ -449,7 +451,7 @@ class ErnieForCausalLM(nn.Layer):
                         top_k=moe.top_k if moe else 0, norm_min=moe.norm_min if moe else 0.0,
                         embedding=self.ernie.embed_tokens)
         ends = dict(final_norm=self.ernie.norm.weight, head=self.head, last_only=last_only)
-        layers, n = self.cpu_layer_weights, len(cache.keys)
+        layers, n = self.cpu_layer_weights, len(self.ernie.layers)
         if between_layers is None:
             return cpu_ops.decoder(input_ids, positions, rope.freqs, mask, cache.keys, cache.values, start, layers,
                                    **settings, **ends)

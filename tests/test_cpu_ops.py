@@ -4,6 +4,7 @@ built."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -294,7 +295,7 @@ def decode_logits(model, prompts, steps, between_layers=None):
         token = paddle.full([batch, 1], 7 + step, "int64")
         out.append(model(token, positions[:, pos:pos + 1], step_mask(pos), cache, pos, last_only=True,
                          between_layers=between_layers))
-    return np.stack([o.numpy() for o in out]), [k.numpy() for k in cache.keys]
+    return np.stack([o.numpy() for o in out]), [k.numpy() for k in cache.keys + cache.values]
 
 
 # head sizes that are whole vectors (16 to 256; 24 is 3 8-lane vectors: a pair and one left) and not (12);
@@ -385,11 +386,14 @@ def test_attention_gives_the_same_bits_wherever_a_rows_keys_sit(head_dim):
 
 
 @needs_ops
-@pytest.mark.parametrize("moe,dtype,quantization", [(False, "float32", None), (False, "bfloat16", None),
-                                                    (False, "float32", "wint8"), (False, "bfloat16", "wint4"),
-                                                    (True, "float32", None), (True, "float32", "wint4")])
+@pytest.mark.parametrize("moe,dtype,quantization,shape", [
+    (False, "float32", None, {}), (False, "bfloat16", None, {}), (False, "float32", "wint8", {}),
+    (False, "bfloat16", "wint4", {}), (True, "float32", None, {}), (True, "float32", "wint4", {}),
+    # rows of 40 values (a packed row padded to 64), an lm_head of its own, head_dim 12, RoPE compressed
+    (False, "float32", "wint4", dict(hidden_size=40, tie_word_embeddings=False, head_dim=12, compression_ratio=2.0)),
+    (False, "bfloat16", "wint4", dict(hidden_size=256))])  # a wint6 embedding / lm_head
 def test_the_decoder_in_one_operator_gives_the_bits_of_its_operators_one_by_one(tmp_path, monkeypatch, moe, dtype,
-                                                                              quantization):
+                                                                              quantization, shape):
     """Decoding runs the layers, the final norm and the lm_head as one operator (cpu_ops.decoder), or
     one call a layer when the server's engine passes `between_layers`; the same kernels called one by
     one give the same logits and cache, bit for bit: for each weight format, dense and MoE layers
@@ -397,11 +401,18 @@ def test_the_decoder_in_one_operator_gives_the_bits_of_its_operators_one_by_one(
     long (prefilled by the sublayers, then decoded by it)."""
     from conftest import save_tiny_moe_pt, save_tiny_pt
     from ernie_paddle import ErniePredictor
+    shape = dict(shape)
+    ratio = shape.pop("compression_ratio", None)
     if moe:
         save_tiny_moe_pt(tmp_path, moe_layer_start_index=0, moe_layer_interval=2, num_hidden_layers=3)
     else:
-        save_tiny_pt(tmp_path, dtype=dtype, num_hidden_layers=3)
+        save_tiny_pt(tmp_path, dtype=dtype, num_hidden_layers=3, **shape)
+    if ratio is not None:  # a -Paddle config key, which transformers' config does not have
+        config = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**config, "compression_ratio": ratio}))
     model = ErniePredictor.from_pretrained(tmp_path, device="cpu", quantization=quantization, progress=False).model
+    assert model.config.compression_ratio == (ratio or 1.0)
+    assert (model.lm_head is None) == shape.get("tie_word_embeddings", True)
     assert_the_decoder_operator_gives_the_bits_of_its_operators(
         model, monkeypatch, ([[5, 6, 7, 8, 9, 10, 11, 12], [11, 12], [13, 14, 15]], [[5, 6, 7, 8, 9] * 8, [11, 12]]))
 
@@ -435,6 +446,51 @@ def assert_the_decoder_operator_gives_the_bits_of_its_operators(model, monkeypat
         for a, b, c in zip(fused_keys, by_layer_keys, separate_keys):
             np.testing.assert_array_equal(a, c)
             np.testing.assert_array_equal(b, c)
+        if short:  # the prompt's logits at every position, as the server's prompt_logprobs asks
+            logits = [prompt_logits(model, prompts), prompt_logits(model, prompts, between_layers=lambda: None)]
+            with monkeypatch.context() as m:
+                m.setattr(model_module, "decoder_on_cpu", lambda *a: False)
+                separate = prompt_logits(model, prompts)
+            assert len(calls) == (forwards + 1) * layers + 1
+            for got in logits:
+                np.testing.assert_array_equal(got, separate)
+
+
+def prompt_logits(model, prompts, between_layers=None):
+    from ernie_paddle.generate import left_padded
+    from ernie_paddle.model import KVCache, causal_mask
+    tokens, positions, valid = left_padded(prompts, 0)
+    cache = KVCache.allocate(model.config, *tokens.shape, "float32")
+    return model(tokens, positions, causal_mask(valid, 0, tokens.shape[1]), cache, 0,
+                 between_layers=between_layers).numpy()
+
+
+@needs_ops
+def test_the_decoder_operator_refuses_bad_input_before_writing_the_cache(tmp_path):
+    """A token id outside the vocabulary, a KV cache of another batch or with a layer missing, no tokens
+    at all: one error naming the problem, and the cache as it was."""
+    from conftest import save_tiny_pt
+    from ernie_paddle import ErniePredictor
+    from ernie_paddle.model import KVCache
+    save_tiny_pt(tmp_path)
+    model = ErniePredictor.from_pretrained(tmp_path, device="cpu", progress=False).model
+    config = model.config
+
+    def decode(ids, cache, start=0):
+        ids = paddle.to_tensor(ids, dtype="int64")
+        mask = paddle.zeros([*ids.shape, 8], "float32")
+        return model.decode_on_cpu(ids, paddle.zeros(ids.shape, "int64"), mask, cache, start, True, None)
+
+    for ids, batch, layers, error in (([[5, config.vocab_size]], 1, 2, f"token id {config.vocab_size} is outside"),
+                                      ([[5], [7]], 1, 2, "KV cache holds 1 rows, x 2"),  # 2 tokens of 1 row?
+                                      ([[5, 6]], 1, 1, "1 keys and 1 values caches for 2 layers"),
+                                      (np.zeros([1, 0]), 1, 2, "x has no tokens")):
+        cache = KVCache.allocate(config, batch, 8, "float32")
+        cache = KVCache(cache.keys[:layers], cache.values[:layers])
+        with pytest.raises(Exception, match=error):
+            decode(ids, cache, start=3)
+        assert not any(t.numpy().any() for t in cache.keys + cache.values)
+    assert decode([[5, 6]], KVCache.allocate(config, 1, 8, "float32")).shape == [1, config.vocab_size]
 
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")

@@ -164,6 +164,33 @@ def test_a_request_arriving_mid_step_gets_its_first_token_in_that_step_and_the_t
         assert got.logprobs() == alone.logprobs()
 
 
+def test_a_step_runs_a_layer_at_a_time_only_while_a_slot_is_free(predictor, engine_factory, monkeypatch):
+    """A decode step passes between_layers (the CPU decoder then runs one operator call a layer, so that
+    an arrival can be prefilled between two) only while a slot is free; with every slot taken nothing
+    can join, and the step runs as one call."""
+    model = predictor.model
+    forward, steps = model.forward, []
+
+    def recording(*args, between_layers=None, **kwargs):
+        if args[4] > 0:  # a decode step (start > 0), not a prefill
+            steps.append(between_layers is not None)
+        return forward(*args, between_layers=between_layers, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording)
+    engine = engine_factory(start=False, max_num_seqs=2, max_model_len=64)
+    collectors = [Collector(), Collector()]
+    for ids, collector in zip(([5, 6, 7], [8, 9]), collectors):
+        engine.submit(Request(ids, SamplingParams(max_tokens=4), collector))
+    while not all(c.finished.is_set() for c in collectors):
+        engine.step()
+    assert steps[:3] == [False, False, False]  # both slots taken
+    engine.submit(Request([5, 6, 7], SamplingParams(max_tokens=3), Collector()))
+    steps.clear()
+    engine.step()
+    engine.step()
+    assert steps == [True, True]  # one request of two slots
+
+
 def test_the_engine_thread_gives_the_tokens_of_generate(predictor, engine_factory):
     """Requests arriving at random moments while the engine's own thread runs."""
     work = jobs(10, seed=2)

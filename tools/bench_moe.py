@@ -182,7 +182,7 @@ def ours(directory: Path):
 
 def distinct_experts(model, prompts, new_tokens: int) -> float:
     """The number of distinct experts one decode step reads, on average over the MoE layers and steps:
-    decoded through the layers' separate operators, whose MoE.route is the router of the layer operator."""
+    decoded through the layers' separate operators, whose MoE.route is the router of the decoder operator."""
     from ernie_paddle import model as model_module
     from ernie_paddle.bench import time_generation
 

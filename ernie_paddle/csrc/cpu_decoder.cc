@@ -175,15 +175,33 @@ std::vector<paddle::Tensor> CpuDecoder(
       &input_norms, &qkvs, &qkv_scales, &os, &o_scales, &post_norms, &up_gates, &up_gate_scales, &downs,
       &down_scales, &gates, &biases, &experts_up_gates, &experts_up_gate_scales, &experts_downs,
       &experts_down_scales};
-  const size_t layers = keys.size();
-  PD_CHECK(layers > 0 && values.size() == layers, op, ": keys and values must be lists of one cache per layer");
+  const size_t layers = input_norms.size();
+  PD_CHECK(layers > 0, op, ": no layers");
   for (const Tensors* list : lists)
     PD_CHECK(list->size() == layers, op, ": every list of layer weights must have one tensor per layer (", layers, ")");
+  PD_CHECK(keys.size() == layers && values.size() == layers, op, ": ", keys.size(), " keys and ", values.size(),
+           " values caches for ", layers, " layers");
   const paddle::Tensor x = x_in.contiguous(), positions = positions_in.contiguous(), mask = mask_in.contiguous();
   const int64_t B = x.shape()[0], T = x.shape()[1], M = B * T, D = freqs.numel();
   const int64_t hidden = input_norms[0].numel();
+  PD_CHECK(M > 0, op, ": x has no tokens");
   PD_CHECK(ids || x.shape()[2] == hidden, op, ": x has ", x.shape()[2], " values a row, not the hidden size ", hidden);
+  PD_CHECK(!ids || embedding_w.numel() > 0, op, ": token ids need the embedding table");
+  PD_CHECK(positions.numel() == M, op, ": positions must be [B, T] like x");
   threads = std::max(1, threads);
+
+  // Every layer checked before any writes its keys and values: a bad input leaves the cache as it was.
+  paddle::Tensor cos = floats({B, T, 1, D}, freqs), sin = floats({B, T, 1, D}, freqs);
+  std::vector<Layer> stack;
+  std::vector<AttentionShape> shapes;
+  std::vector<paddle::Tensor> qkv_outs;
+  for (size_t i = 0; i < layers; ++i) {
+    qkv_outs.push_back(floats({M, matrix_of(qkvs[i], qkv_scales[i], hidden, op).N}, freqs));
+    shapes.push_back(attention_shape(qkv_outs[i], cos, sin, keys[i], values[i], mask, start, heads, op));
+    PD_CHECK(shapes[i].B == B && shapes[i].T == T, op, ": layer ", i, "'s KV cache holds ", shapes[i].B,
+             " rows, x ", B);
+    stack.push_back(layer_at(lists, i, hidden, shapes[i].H * shapes[i].D, top_k, op));
+  }
 
   std::vector<float> h(M * hidden), next(M * hidden), n(M * hidden), second(M * hidden), attended, row;
   if (ids) {
@@ -196,18 +214,13 @@ std::vector<paddle::Tensor> CpuDecoder(
   } else {
     std::copy_n(x.data<float>(), M * hidden, h.data());
   }
-  PD_CHECK(positions.numel() == M, op, ": positions must be [B, T] like x");
-  paddle::Tensor cos = floats({B, T, 1, D}, freqs), sin = floats({B, T, 1, D}, freqs);
   rotation(positions.data<int64_t>(), M, freqs.data<float>(), D, rope_ratio, cos.data<float>(), sin.data<float>());
   for (size_t i = 0; i < layers; ++i) {
-    const int64_t qkv_n = matrix_of(qkvs[i], qkv_scales[i], hidden, op).N;
-    paddle::Tensor qkv_out = floats({M, qkv_n}, freqs);
-    const AttentionShape shape = attention_shape(qkv_out, cos, sin, keys[i], values[i], mask, start, heads, op);
-    const Layer layer = layer_at(lists, i, hidden, shape.H * shape.D, top_k, op);
-    attended.resize(M * shape.H * shape.D);
-    decoder_layer(h.data(), layer, shape, cos.data<float>(), sin.data<float>(), keys[i].data<float>(),
+    attended.resize(M * shapes[i].H * shapes[i].D);
+    decoder_layer(h.data(), stack[i], shapes[i], cos.data<float>(), sin.data<float>(), keys[i].data<float>(),
                   values[i].data<float>(), mask.data<float>(), start, scale, eps, top_k, norm_min,
-                  qkv_out.data<float>(), n.data(), attended.data(), second.data(), next.data(), M, hidden, threads);
+                  qkv_outs[i].data<float>(), n.data(), attended.data(), second.data(), next.data(), M, hidden,
+                  threads);
     h.swap(next);
   }
 
@@ -216,9 +229,9 @@ std::vector<paddle::Tensor> CpuDecoder(
     std::copy(h.begin(), h.end(), out.data<float>());
     return {out};
   }
-  // The last position of each row only: its norm and logits.
+  // The logits of every position, or with last_only of each row's last (moved to the front).
   const int64_t rows = last_only ? B : M;
-  if (last_only)
+  if (last_only && T > 1)
     for (int64_t b = 0; b < B; ++b)
       std::copy_n(h.data() + ((b + 1) * T - 1) * hidden, hidden, h.data() + b * hidden);
   rms_norm(h.data(), norm_weight(final_norm, hidden, op), n.data(), rows, hidden, eps, threads);

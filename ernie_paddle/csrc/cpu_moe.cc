@@ -1,5 +1,5 @@
 // Paddle custom operators for the MoE layers on CPU, and the plain functions (kernels.h) that
-// cpu_decoder.cc chains into a whole decoding layer:
+// cpu_decoder.cc chains into the decoder:
 //
 //   ernie_cpu_grouped_matmul(x [R, K], w [E, N, K], offsets [E + 1]) = y [R, N]
 //   y[r] = x[r] @ w[e]^T for offsets[e] <= r < offsets[e + 1]
@@ -12,7 +12,7 @@
 // wint4 (quant.h), like ernie_quant_matmul. Either way a row's result has the same bits whatever else
 // is in the batch.
 //
-// The router is an operator, not Paddle's softmax and topk, so that the layer operator, which routes
+// The router is an operator, not Paddle's softmax and topk, so that the decoder operator, which routes
 // with the same function, gives the bits of the operators one by one: Paddle's CPU softmax takes its
 // exponentials from MKL.
 
