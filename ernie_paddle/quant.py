@@ -181,7 +181,7 @@ def _best_scales(values: np.ndarray, extreme: np.ndarray, levels: np.float32) ->
 
 def _interleave(a: np.ndarray, inverse: bool = False) -> np.ndarray:
     """The groups of 8 rows: the bytes [N, Kp], [N, Kp / 2] or [N, 3 Kp / 4] (4 of each row in turn) or the
-    scales [N, groups]    (1 of each row in turn); the last N % 8 rows as they are. inverse undoes it."""
+    scales [N, groups] (1 of each row in turn); the last N % 8 rows as they are. inverse undoes it."""
     n, width = a.shape
     grouped = n // 8 * 8
     unit = 1 if a.dtype == np.float16 else 4

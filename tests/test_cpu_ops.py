@@ -468,7 +468,7 @@ def prompt_logits(model, prompts, between_layers=None):
 @needs_ops
 def test_the_decoder_operator_refuses_bad_input_before_writing_the_cache(tmp_path):
     """A token id outside the vocabulary, a KV cache of another batch or with a layer missing, no tokens
-    at all: one error naming the problem, and the cache as it was."""
+    at all, an lm_head of the wrong shape: one error naming the problem, and the cache as it was."""
     from conftest import save_tiny_pt
     from ernie_paddle import ErniePredictor
     from ernie_paddle.model import KVCache
@@ -490,6 +490,13 @@ def test_the_decoder_operator_refuses_bad_input_before_writing_the_cache(tmp_pat
         with pytest.raises(Exception, match=error):
             decode(ids, cache, start=3)
         assert not any(t.numpy().any() for t in cache.keys + cache.values)
+    cache = KVCache.allocate(config, 1, 8, "float32")  # an lm_head of the wrong width, checked first too
+    with pytest.raises(Exception, match="a weight matrix is not"):
+        cpu_ops.decoder(paddle.to_tensor([[5]]), paddle.zeros([1, 1], "int64"), model.rope.freqs,
+                        paddle.zeros([1, 1, 8]), cache.keys, cache.values, 3, model.cpu_layer_weights,
+                        heads=config.num_attention_heads, scale=0.25, eps=1e-5, embedding=model.ernie.embed_tokens,
+                        final_norm=model.ernie.norm.weight, head=paddle.zeros([7, 3]))
+    assert not any(t.numpy().any() for t in cache.keys + cache.values)
     assert decode([[5, 6]], KVCache.allocate(config, 1, 8, "float32")).shape == [1, config.vocab_size]
 
 

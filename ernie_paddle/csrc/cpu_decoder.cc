@@ -190,7 +190,7 @@ std::vector<paddle::Tensor> CpuDecoder(
   PD_CHECK(positions.numel() == M, op, ": positions must be [B, T] like x");
   threads = std::max(1, threads);
 
-  // Every layer checked before any writes its keys and values: a bad input leaves the cache as it was.
+  // Every input checked before a layer writes its keys and values: a bad one leaves the cache as it was.
   paddle::Tensor cos = floats({B, T, 1, D}, freqs), sin = floats({B, T, 1, D}, freqs);
   std::vector<Layer> stack;
   std::vector<AttentionShape> shapes;
@@ -202,6 +202,9 @@ std::vector<paddle::Tensor> CpuDecoder(
              " rows, x ", B);
     stack.push_back(layer_at(lists, i, hidden, shapes[i].H * shapes[i].D, top_k, op));
   }
+  const bool logits = final_norm.numel() > 0;
+  const float* final_weight = logits ? norm_weight(final_norm, hidden, op) : nullptr;
+  const Matrix head = logits ? matrix_of(head_w, head_scales, hidden, op) : Matrix{};
 
   std::vector<float> h(M * hidden), next(M * hidden), n(M * hidden), second(M * hidden), attended, row;
   if (ids) {
@@ -224,7 +227,7 @@ std::vector<paddle::Tensor> CpuDecoder(
     h.swap(next);
   }
 
-  if (final_norm.numel() == 0) {
+  if (!logits) {
     paddle::Tensor out = floats({B, T, hidden}, freqs);
     std::copy(h.begin(), h.end(), out.data<float>());
     return {out};
@@ -234,18 +237,17 @@ std::vector<paddle::Tensor> CpuDecoder(
   if (last_only && T > 1)
     for (int64_t b = 0; b < B; ++b)
       std::copy_n(h.data() + ((b + 1) * T - 1) * hidden, hidden, h.data() + b * hidden);
-  rms_norm(h.data(), norm_weight(final_norm, hidden, op), n.data(), rows, hidden, eps, threads);
-  const Matrix head = matrix_of(head_w, head_scales, hidden, op);
-  paddle::Tensor logits = last_only ? floats({B, head.N}, freqs) : floats({B, T, head.N}, freqs);
-  project(n.data(), rows, head, logits.data<float>(), threads);
-  return {logits};
+  rms_norm(h.data(), final_weight, n.data(), rows, hidden, eps, threads);
+  paddle::Tensor out = last_only ? floats({B, head.N}, freqs) : floats({B, T, head.N}, freqs);
+  project(n.data(), rows, head, out.data<float>(), threads);
+  return {out};
 }
 
 }  // namespace
 
 PD_BUILD_OP(ernie_cpu_decoder)
-    .Inputs({"X", "Positions", "Freqs", "Mask", "Embedding", "EmbeddingScales", "FinalNorm", "Head", "HeadScales", paddle::Vec("InputNorms"),
-             paddle::Vec("QKVs"), paddle::Vec("QKVScales"), paddle::Vec("Os"), paddle::Vec("OScales"),
+    .Inputs({"X", "Positions", "Freqs", "Mask", "Embedding", "EmbeddingScales", "FinalNorm", "Head", "HeadScales",
+             paddle::Vec("InputNorms"), paddle::Vec("QKVs"), paddle::Vec("QKVScales"), paddle::Vec("Os"), paddle::Vec("OScales"),
              paddle::Vec("PostNorms"), paddle::Vec("UpGates"), paddle::Vec("UpGateScales"), paddle::Vec("Downs"),
              paddle::Vec("DownScales"), paddle::Vec("Gates"), paddle::Vec("Biases"), paddle::Vec("ExpertsUpGates"),
              paddle::Vec("ExpertsUpGateScales"), paddle::Vec("ExpertsDowns"), paddle::Vec("ExpertsDownScales"),
