@@ -120,25 +120,26 @@ import resource
 from ernie_paddle.device import import_paddle
 paddle = import_paddle()
 faults = []
-for i in range(10):
+for i in range(30):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = paddle.full([1024, 6144], float(i))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     del x
-print(sum(faults[1:]))
+print(sum(faults[20:]))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 @pytest.mark.parametrize("first", ["", "import paddle"], ids=["ours", "the-caller-s"])  # whoever imports paddle
 def test_a_freed_tensor_s_memory_is_reused_without_page_faults(first):
-    # 24 MB tensors, 10 times: each one written through 6144 fresh 4 KB pages if glibc hands the memory
-    # back to the system on free (61440 faults). Kept, the first one (in some runs three, and a few pages
-    # more: 18435 faults were seen in a full CI run) takes fresh pages and the rest reuse them.
+    # 24 MB tensors, 30 times: each one written through 6144 fresh 4 KB pages if glibc hands the memory
+    # back to the system on free. Kept, the freed block is reused; only while Paddle's threads start up
+    # (the first few tensors) can one of their small allocations split the freed block, so the next
+    # tensor takes fresh pages: up to 8 such in 10 were seen. The last 10 are counted.
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     run = subprocess.run([sys.executable, "-c", first + FRESH_TENSOR_FAULTS], env=environment, capture_output=True,
                          text=True, check=True)
-    assert int(run.stdout.split()[-1]) < 5 * 6144
+    assert int(run.stdout.split()[-1]) < 2 * 6144
 
 
 def test_synchronize_and_peak_memory_are_safe_on_cpu():
