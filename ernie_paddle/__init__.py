@@ -1,6 +1,6 @@
 """ernie-paddle: PaddlePaddle-native inference for Baidu's ERNIE 4.5 models.
 
-`import ernie_paddle` stays light: paddle is imported only when the predictor is first used.
+`import ernie_paddle` stays light: paddle is imported only with ErniePredictor.
 """
 
 __version__ = "0.1.0"

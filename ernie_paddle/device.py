@@ -82,6 +82,8 @@ def import_paddle():
 def _import_paddle():
     os.environ.setdefault("GLOG_minloglevel", "2")
     configure_cpu_math()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "No ccache found" from paddle.utils.cpp_extension
@@ -89,6 +91,12 @@ def _import_paddle():
     except ImportError:
         raise ErnieError("PaddlePaddle is not installed: pip install 'ernie-paddle[cpu]' for CPU, "
                          "or install your GPU/NPU Paddle build (see README.md, 'Set up')") from None
+    finally:
+        # Paddle's import gives the root logger a stderr handler at INFO, which would print every
+        # library's info lines (an HTTP client's every request) in the caller's program.
+        for handler in set(root.handlers) - set(handlers):
+            root.removeHandler(handler)
+        root.setLevel(level)
     return paddle
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import signal
 import socket
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ErnieError
+
+log = logging.getLogger(__name__)
 
 try:
     import starlette  # noqa: F401
@@ -453,17 +456,22 @@ class Server:
                     first, last = False, out
                 if include_usage and last is not None and last.finish_reason:
                     yield _sse({**payload, "choices": [], "usage": _usage([last])})
-                yield "data: [DONE]\n\n"
+            except Exception as e:  # a bug: the client still gets an error event and the end of the stream
+                log.exception("streaming a response failed")
+                yield _sse(ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
             finally:  # also when the client went away: Starlette cancels this generator
                 self.engine.cancel(engine_request)
                 if not ended:
                     self.metrics.requests.labels("cancelled").inc()
+            yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def _token_text(self, token: int) -> str:
         raw = self.tokenizer.token_bytes(token)
-        return raw.decode("utf-8", errors="replace") if raw else self.tokenizer.sp.IdToPiece(token)
+        if raw or token >= self.tokenizer.vocab_size:  # the model's vocab is padded beyond the tokenizer's pieces
+            return raw.decode("utf-8", errors="replace")
+        return self.tokenizer.sp.IdToPiece(token)  # a special token: its name
 
     def _completion_logprobs(self, out, body: CompletionRequest, prompt_ids: list[int] | None, offset: int):
         """The completions API's logprobs for one output (the prompt's tokens first with `prompt_ids`,
@@ -643,7 +651,7 @@ def run_serve(args) -> int:
     if predictor.tokenizer is None:
         raise ErnieError(f"{predictor.directory}: no tokenizer.model; the server needs the model's tokenizer")
     positions = predictor.config.max_position_embeddings
-    max_model_len = args.max_model_len or min(positions, 2048)
+    max_model_len = min(positions, 2048) if args.max_model_len is None else args.max_model_len
     if not 2 <= max_model_len <= positions:
         raise ErnieError(f"--max-model-len {max_model_len}: must be from 2 to the model's {positions} positions")
     sock = listen(args.host, args.port)

@@ -206,3 +206,12 @@ def test_model_with_fused_ops_matches_the_plain_path(fake_npu, monkeypatch, tiny
     np.testing.assert_allclose(fused.logits(prompts), plain.logits(prompts), atol=1e-5)
     assert [r.token_ids for r in fused.generate(prompts, max_new_tokens=8)] == \
            [r.token_ids for r in plain.generate(prompts, max_new_tokens=8)]
+
+
+def test_importing_paddle_leaves_the_callers_logging_alone():
+    # Paddle's import gives the root logger a stderr handler at INFO: an HTTP client's every request printed.
+    code = ("import logging; from ernie_paddle.device import import_paddle; import_paddle(); "
+            "logging.getLogger('httpx').info('HTTP Request: POST'); root = logging.getLogger(); "
+            "print(len(root.handlers), logging.getLevelName(root.level))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["0", "WARNING"] and "HTTP Request" not in run.stderr, run.stderr

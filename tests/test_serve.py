@@ -224,6 +224,18 @@ def test_logprobs_and_echo_are_the_models(client, predictor):
     assert "".join(bytes(e.bytes).decode("utf-8", "replace") for e in content) == chat.choices[0].message.content
 
 
+def test_logprobs_name_ids_beyond_the_tokenizers_pieces(client, predictor):
+    # The model's vocab is padded beyond the tokenizer's pieces (the demo's 1024 against 1000, ERNIE 4.5's
+    # 103424 against 100295): such an id in a prompt, and among the alternatives, has no text.
+    beyond = predictor.tokenizer.vocab_size + 5
+    assert beyond < predictor.config.vocab_size
+    reply = client.completions.create(model=DEMO.name, prompt=[1, beyond], max_tokens=2, temperature=0, logprobs=5,
+                                      echo=True, logit_bias={str(beyond + 1): 100})
+    lp = reply.choices[0].logprobs
+    assert lp.tokens[1] == "" and lp.tokens[2] == ""
+    assert lp.tokens[0] == predictor.tokenizer.sp.IdToPiece(1)  # a special token is named
+
+
 def test_stop_strings_and_seeds(client):
     full = client.completions.create(model=DEMO.name, prompt=PROMPT, max_tokens=30, temperature=0,
                                      logit_bias=NO_EOS).choices[0].text
@@ -517,3 +529,14 @@ def test_a_stop_signal_during_generation_ends_the_stream_and_exits_0(stop):
         assert "Traceback" not in server.log
     finally:
         server.proc.kill()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-num-seqs", 0, "--max-num-seqs 0: must be at least 1"),
+    ("--max-model-len", 0, "--max-model-len 0: must be from 2 to the model's"),  # 0 was taken as the default
+    ("--max-tokens", 0, "--max-tokens 0: must be positive"),
+])
+def test_bad_server_options_fail_in_one_line(option, value, message):
+    run = subprocess.run([sys.executable, "-m", "ernie_paddle", "serve", "--model", str(DEMO), "--port", "0",
+                          "--device", "cpu", option, str(value)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
