@@ -277,6 +277,24 @@ def transformers_side(directory: Path, eos_ids, pad_id: int, progress: bool = Tr
     return Side(f"transformers {__version__} {model_class.__name__}, float32 on cpu", logits, generate)
 
 
+def encode_prompts(model_dir: Path, prompts: list[str], path: str | None, greedy_tokens: int) -> list[list[int]]:
+    """The prompts' token ids, checked before any model loads: each with its greedy tokens must fit the
+    model's positions."""
+    from .config import ErnieConfig
+    from .tokenizer import Tokenizer
+
+    if not (model_dir / "tokenizer.model").is_file():
+        raise ErnieError(f"{model_dir}: no tokenizer.model, which the checker needs to encode its prompts")
+    tokenizer, positions = Tokenizer(model_dir), ErnieConfig.from_dir(model_dir).max_position_embeddings
+    encoded = [tokenizer.encode(p) for p in prompts]
+    for number, ids in enumerate(encoded, 1):
+        if len(ids) + greedy_tokens > positions:
+            raise ErnieError(f"--prompts {path or '(the default prompts)'}: prompt {number} has {len(ids)} tokens, "
+                             f"which with --greedy-tokens {greedy_tokens} exceed the model's {positions} positions; "
+                             "shorten it or lower --greedy-tokens")
+    return encoded
+
+
 def load_prompts(path: str | None) -> list[str]:
     """The default prompts, or a file's: one per line, or JSONL with a "prompt" field."""
     if path is None:
@@ -413,12 +431,11 @@ def run_check(args) -> int:
     if args.greedy_tokens < 0:
         raise ErnieError(f"--greedy-tokens {args.greedy_tokens}: must be 0 (no generation) or more")
     prompts = load_prompts(args.prompts)
+    prompt_ids = encode_prompts(model_dir, prompts, args.prompts, args.greedy_tokens)
 
     candidate = ErniePredictor.from_pretrained(model_dir, device=args.device, dtype=args.dtype,
                                                weight_dtype=args.weight_dtype, quantization=args.quantization)
     tokenizer = candidate.tokenizer
-    if tokenizer is None:
-        raise ErnieError(f"{model_dir}: no tokenizer.model, which the checker needs to encode its prompts")
     weights, reference_weights = stored_dtype(model_dir), stored_dtype(reference_dir)
     if candidate.model.weight_dtype not in (candidate.dtype, weights):  # rounded at load: --weight-dtype bfloat16
         weights = candidate.model.weight_dtype
@@ -434,7 +451,7 @@ def run_check(args) -> int:
     cand_side = predictor_side(candidate, f"ernie-paddle ErniePredictor, {candidate.dtype} on {candidate.device}, "
                                           f"weights {model_dir} ({weights})")
 
-    report = compare(reference, cand_side, [tokenizer.encode(p) for p in prompts], prompts, thresholds,
+    report = compare(reference, cand_side, prompt_ids, prompts, thresholds,
                      args.greedy_tokens, eos_ids, lambda token: show(tokenizer, token))
     note = None if args.reference_model else (
         "both sides load the weights of --model: this shows that the implementations and devices agree, not that "

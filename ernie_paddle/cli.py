@@ -163,14 +163,26 @@ def _add_help_texts(parser, sub) -> None:
 
 
 def _check_output_file(path):
-    """Fail before minutes of work, not after, when a --json file cannot be written."""
-    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise ErnieError(f"--json {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+    """Fail before minutes of work, not after, when a --json file cannot be written: open it for
+    appending (which changes nothing in an existing file), and remove it again if it was not there."""
+    if not path:
+        return
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ErnieError(f"--json {path}: cannot write this file ({e.strerror}); name a file in a folder "
+                         "you can write to") from None
+    if not existed:
+        os.remove(path)
 
 
 def _run(args) -> int:
     _check_output_file(getattr(args, "json_out", None))
     if args.command == "generate":
+        if "" in (args.stop or []):
+            raise ErnieError("--stop '': an empty stop string would stop before the first token; give the text to stop at")
         from .predictor import run_generate
         return run_generate(args)
     if args.command == "demo":

@@ -77,13 +77,20 @@ def test_bf16_weights_report_the_bytes_they_read(tmp_path):
     ("--output-lens", "0", "--output-lens '0': expected positive integers"),
     ("--batch", "0", "--batch 0: must be at least 1"),
     ("--output-lens", "600", "exceed the model's 512 positions"),
+    ("--json", "{tmp}", "cannot write this file (Is a directory)"),
+    ("--json", "{tmp}/missing/b.json", "cannot write this file (No such file or directory)"),
+    ("--json", "{file}/b.json", "cannot write this file (Not a directory)"),
+    ("--json", "/proc/b.json", "cannot write this file"),
 ])
-def test_bad_options_fail_in_one_line(capsys, model_dir, flag, value, message):
+def test_bad_options_fail_in_one_line(capsys, tmp_path, model_dir, flag, value, message):
+    (tmp_path / "a-file").touch()
+    value = value.format(tmp=tmp_path, file=tmp_path / "a-file")
     code = main(["bench", "--model", str(model_dir), "--device", "cpu", flag, value])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("ernie-paddle bench: error: ")
     assert message in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing left by the check
 
 
 def test_moe_model_reports_the_bytes_of_the_routed_experts(tmp_path):

@@ -193,3 +193,13 @@ def test_demo_model_out_of_the_box(capsys):
     code, out, _ = run(capsys, "--model", DEMO)
     assert code == 0, out
     assert "PASS" in out and "note: both sides load" in out
+
+
+@pytest.mark.parametrize("greedy_tokens", [0, 8])
+def test_a_prompt_beyond_the_models_positions_is_refused_before_loading(tmp_path, capsys, greedy_tokens):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of China is\n" + "Paris " * 3000 + "\n", encoding="utf-8")
+    code, _, err = run(capsys, "--model", DEMO, "--reference", "cpu", "--prompts", prompts,
+                       "--greedy-tokens", greedy_tokens)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "prompt 2 has" in err and f"with --greedy-tokens {greedy_tokens} exceed the model's" in err
