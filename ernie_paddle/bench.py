@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -174,20 +175,25 @@ def kernel_ceiling(model, device: str) -> float | None:
 
 
 def run(model, device: str, input_lens, output_lens, batch: int = 1, warmup: int = 1,
-        repeat: int = 1) -> list[BenchRow]:
+        repeat: int = 1, measured: Callable[[BenchRow], None] = lambda row: None) -> list[BenchRow]:
+    """The rows of the table, each handed to `measured` as soon as it is measured."""
     for _ in range(warmup):
         time_generation(model, random_prompts(model.config.vocab_size, batch, min(input_lens)), 4)
-    return [measure(model, i, o, batch, repeat) for i in input_lens for o in output_lens]
+    rows = []
+    for i in input_lens:
+        for o in output_lens:
+            rows.append(measure(model, i, o, batch, repeat))
+            measured(rows[-1])
+    return rows
 
 
-def format_table(rows: list[BenchRow]) -> str:
-    lines = ["| input | output | batch | latency (s) | throughput (tok/s) | TPOT (s) | TTFT (s) "
-             "| prefill (tok/s) | weights read (GB/s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.input_len} | {r.output_len} | {r.batch} | {r.latency_s:.3f} | {r.throughput_tps:.2f} "
-                     f"| {r.tpot_s:.4f} | {r.ttft_s:.3f} | {r.prefill_tps:.1f} | {r.bandwidth_gbps:.1f} |")
-    return "\n".join(lines)
+TABLE_HEAD = ("| input | output | batch | latency (s) | throughput (tok/s) | TPOT (s) | TTFT (s) "
+              "| prefill (tok/s) | weights read (GB/s) |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(r: BenchRow) -> str:
+    return (f"| {r.input_len} | {r.output_len} | {r.batch} | {r.latency_s:.3f} | {r.throughput_tps:.2f} "
+            f"| {r.tpot_s:.4f} | {r.ttft_s:.3f} | {r.prefill_tps:.1f} | {r.bandwidth_gbps:.1f} |")
 
 
 def _lengths(text: str, option: str) -> list[int]:
@@ -219,16 +225,16 @@ def run_bench(args) -> int:
         raise ErnieError(f"--input-lens/--output-lens: {max(input_lens)} + {max(output_lens)} tokens exceed the "
                          f"model's {limit} positions")
     model = pred.model
-    rows = run(model, pred.device, input_lens, output_lens, args.batch, args.warmup, args.repeat)
-    peak = peak_memory(pred.device)  # before the ceilings, which copy the weights
-    ceiling_s, kernel_s = matmul_ceiling(model, pred.device), kernel_ceiling(model, pred.device)
     nbytes, read = weight_bytes(model), step_bytes(model)
-
     active = f", {read / 1e9:.2f} GB read per token (the routed experts only)" if read != nbytes else ""
     print(f"{args.model} on {pred.device}, {pred.dtype} (weights held in {model.weight_dtype}), "
           f"batch {args.batch}: weights {nbytes / 1e9:.2f} GB{active}, "
           f"loaded in {load_s:.1f} s")
-    print(format_table(rows))
+    print(TABLE_HEAD, flush=True)  # then each row as it is measured
+    rows = run(model, pred.device, input_lens, output_lens, args.batch, args.warmup, args.repeat,
+               measured=lambda row: print(table_row(row), flush=True))
+    peak = peak_memory(pred.device)  # before the ceilings, which copy the weights
+    ceiling_s, kernel_s = matmul_ceiling(model, pred.device), kernel_ceiling(model, pred.device)
     if ceiling_s:
         print(f"Paddle's bare matmuls over these weights: {1 / ceiling_s:.1f} tok/s at batch 1 "
               f"({read / ceiling_s / 1e9:.1f} GB/s)")

@@ -185,8 +185,11 @@ def compare(reference: Side, candidate: Side, prompts: list[list[int]], texts: l
             decode: Callable[[int], str] = repr) -> Report:
     """Compare the two sides on each prompt (token ids; `texts` are the prompts as shown) and check the
     thresholds. `decode` shows a token in failure messages."""
+    from tqdm import tqdm
+
     results = []
-    for ids, text in zip(prompts, texts or [str(p) for p in prompts]):
+    for ids, text in tqdm(list(zip(prompts, texts or [str(p) for p in prompts])), desc="comparing", unit="prompt",
+                          file=sys.stderr, leave=False, disable=None):  # None: a bar only on a terminal
         ref_logits, cand_logits = reference.logits(ids), candidate.logits(ids)
         ref_greedy = until_eos(reference.generate(ids, greedy_tokens), eos_ids) if greedy_tokens else []
         cand_greedy = until_eos(candidate.generate(ids, greedy_tokens), eos_ids) if greedy_tokens else []
@@ -443,6 +446,7 @@ def run_check(args) -> int:
     thresholds = thresholds_from_args(args, precision)
     eos_ids = candidate.config.eos_token_ids
     if reference_kind == "transformers":
+        print(f"loading the reference: transformers on {reference_dir} ...", file=sys.stderr, flush=True)
         reference = transformers_side(reference_dir, eos_ids, candidate.config.pad_token_id)
     else:
         reference = predictor_side(ErniePredictor.from_pretrained(reference_dir, device="cpu", dtype="float32"),

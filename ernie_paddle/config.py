@@ -36,8 +36,29 @@ PT_ONLY_KEYS = ("torch_dtype", "dtype", "rope_parameters", "transformers_version
 # whose tensors the loader skips: nothing in inference depends on them.
 MOE_FIXED_VALUES = {
     "moe_gate": ("topk",), "moe_gate_act": ("softmax",), "moe_use_aux_free": (True,),
-    "moe_norm_gate_logits": (True,), "use_rmsnorm": (True,), "rope_scaling": (None,),
+    "moe_norm_gate_logits": (True,),
 }
+# The same for every ERNIE 4.5 text model: RMSNorm, and RoPE without scaling.
+FIXED_VALUES = {"use_rmsnorm": (True,), "rope_scaling": (None, {"rope_type": "default"}, {"type": "default"})}
+
+
+def _check_fixed_values(raw: dict, fixed: dict, source: str):
+    rope_type = (raw.get("rope_parameters") or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise ErnieError(f"{source}: rope_parameters.rope_type {rope_type!r} is not supported (ERNIE 4.5 text "
+                         "models use plain RoPE, rope_type 'default')")
+    for key, allowed in fixed.items():
+        if key in raw and raw[key] not in allowed:
+            raise ErnieError(f"{source}: {key} = {raw[key]!r} is not supported (ERNIE 4.5 text models use "
+                             f"{allowed[0]!r}, as transformers' implementation does)")
+
+
+def _integer(raw: dict, key: str, default=None) -> int:
+    """raw[key] (or `default` when absent) as an int: 2.7, "2", true and null are refused, not rounded."""
+    value = raw[key] if default is None else raw.get(key, default)
+    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+        raise ValueError(f"{key} {value!r} is not an integer")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -57,21 +78,21 @@ class MoeSettings:
 
 
 def _moe_settings(raw: dict, layers: int, source: str) -> MoeSettings:
-    for key, allowed in MOE_FIXED_VALUES.items():
-        if key in raw and raw[key] not in allowed:
-            raise ErnieError(f"{source}: {key} = {raw[key]!r} is not supported (ERNIE 4.5 text MoE models use "
-                             f"{allowed[0]!r}, as transformers' Ernie4_5_MoeForCausalLM does)")
+    _check_fixed_values(raw, MOE_FIXED_VALUES, source)
     for key in ("moe_num_experts", "moe_intermediate_size", "moe_layer_start_index", "moe_layer_end_index", "moe_k"):
         if isinstance(raw.get(key), (list, tuple)):
             raise ErnieError(f"{source}: {key} is a list {raw[key]!r}: that is a multimodal (VL) ERNIE 4.5 "
                              "config; only the text models are supported")
-    end = int(raw.get("moe_layer_end_index", -1))
-    moe = MoeSettings(
-        num_experts=int(raw.get("moe_num_experts", 64)), top_k=int(raw.get("moe_k", 6)),
-        intermediate_size=int(raw.get("moe_intermediate_size", 1536)),
-        num_shared_experts=int(raw.get("moe_num_shared_experts", 2) or 0),  # transformers' default
-        layer_start=int(raw.get("moe_layer_start_index", 1)), layer_end=layers - 1 if end == -1 else end,
-        layer_interval=int(raw.get("moe_layer_interval", 1)), norm_min=float(raw.get("moe_norm_min", 1e-12)))
+    try:  # transformers' defaults
+        end = _integer(raw, "moe_layer_end_index", -1)
+        moe = MoeSettings(
+            num_experts=_integer(raw, "moe_num_experts", 64), top_k=_integer(raw, "moe_k", 6),
+            intermediate_size=_integer(raw, "moe_intermediate_size", 1536),
+            num_shared_experts=_integer(raw, "moe_num_shared_experts", 2),
+            layer_start=_integer(raw, "moe_layer_start_index", 1), layer_end=layers - 1 if end == -1 else end,
+            layer_interval=_integer(raw, "moe_layer_interval", 1), norm_min=float(raw.get("moe_norm_min", 1e-12)))
+    except (TypeError, ValueError) as e:
+        raise ErnieError(f"{source}: bad value ({e})") from None
     if not 1 <= moe.top_k <= moe.num_experts:
         raise ErnieError(f"{source}: moe_k {moe.top_k} must be between 1 and moe_num_experts {moe.num_experts}")
     if moe.intermediate_size < 1 or moe.num_shared_experts < 0 or moe.layer_interval < 1:
@@ -135,20 +156,20 @@ class ErnieConfig:
                 f"{source}: architecture {arch or model_type!r} is not ERNIE 4.5 "
                 f"(expected one of {', '.join(DENSE_ARCHITECTURES + MOE_ARCHITECTURES)})")
         try:
-            heads = int(raw["num_attention_heads"])
-            hidden = int(raw["hidden_size"])
+            heads = _integer(raw, "num_attention_heads")
+            hidden = _integer(raw, "hidden_size")
             rope = raw.get("rope_parameters") or {}
             cfg = cls(
-                vocab_size=int(raw["vocab_size"]),
+                vocab_size=_integer(raw, "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=int(raw["intermediate_size"]),
-                num_hidden_layers=int(raw["num_hidden_layers"]),
+                intermediate_size=_integer(raw, "intermediate_size"),
+                num_hidden_layers=_integer(raw, "num_hidden_layers"),
                 num_attention_heads=heads,
-                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-                head_dim=int(raw.get("head_dim") or (hidden // heads if heads > 0 else 0)),
+                num_key_value_heads=_integer(raw, "num_key_value_heads") if raw.get("num_key_value_heads") else heads,
+                head_dim=_integer(raw, "head_dim") if raw.get("head_dim") else (hidden // heads if heads > 0 else 0),
                 rope_theta=float(raw.get("rope_theta", rope.get("rope_theta", 500000.0))),
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 131072)),
+                max_position_embeddings=_integer(raw, "max_position_embeddings", 131072),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
                 use_bias=bool(raw.get("use_bias", False)),
                 hidden_act=raw.get("hidden_act", "silu"),
@@ -177,6 +198,7 @@ class ErnieConfig:
             raise ErnieError(f"{source}: hidden_act {cfg.hidden_act!r} is not supported (ERNIE 4.5 uses silu)")
         if cfg.use_bias:
             raise ErnieError(f"{source}: use_bias true is not supported (no ERNIE 4.5 text model has biases)")
+        _check_fixed_values(raw, FIXED_VALUES, source)
         if kind == "moe":
             cfg.moe = _moe_settings(raw, cfg.num_hidden_layers, source)
         known = set(cls.__dataclass_fields__) | {"architectures", "model_type", "rope_parameters",

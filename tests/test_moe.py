@@ -237,6 +237,11 @@ def test_published_21b_config_reads_as_transformers_defaults():
     ("moe_num_experts", [64, 64], "moe_num_experts is a list .* multimodal \\(VL\\)"),
     ("moe_layer_start_index", [1, 1], "moe_layer_start_index is a list .* multimodal \\(VL\\)"),
     ("moe_k", 65, "moe_k 65 must be between 1 and moe_num_experts 64"),
+    ("moe_k", 2.7, "bad value \\(moe_k 2.7 is not an integer\\)"),
+    ("moe_k", "2", "bad value \\(moe_k '2' is not an integer\\)"),
+    ("moe_num_shared_experts", None, "bad value \\(moe_num_shared_experts None is not an integer\\)"),
+    ("use_rmsnorm", False, "use_rmsnorm = False is not supported"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling = .*yarn.* is not supported"),
 ])
 def test_unsupported_moe_config_values_are_refused(tmp_path, key, value, message):
     (tmp_path / "config.json").write_text(json.dumps(moe_config(**{key: value})))

@@ -63,6 +63,21 @@ def test_config_of_another_architecture(capsys, model_dir, tmp_path):
     assert code == 2 and "'LlamaForCausalLM' is not ERNIE 4.5" in one_error_line(err)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("rope_scaling", {"type": "yarn", "factor": 4.0}, "rope_scaling = {'type': 'yarn', 'factor': 4.0} is not supported"),
+    ("rope_parameters", {"rope_type": "linear", "factor": 2.0}, "rope_parameters.rope_type 'linear' is not supported"),
+    ("use_rmsnorm", False, "use_rmsnorm = False is not supported"),
+    ("hidden_size", 2.5, "bad value (hidden_size 2.5 is not an integer)"),
+])
+def test_config_values_the_model_would_ignore_are_refused(capsys, model_dir, tmp_path, key, value, message):
+    broken = copy_model(model_dir, tmp_path / "m")
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg[key] = value
+    (broken / "config.json").write_text(json.dumps(cfg))
+    code, _, err = generate(capsys, broken)
+    assert code == 2 and message in one_error_line(err)
+
+
 def test_truncated_safetensors(capsys, model_dir, tmp_path):
     broken = copy_model(model_dir, tmp_path / "m")
     weights = broken / "model.safetensors"
