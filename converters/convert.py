@@ -33,8 +33,7 @@ from ernie_paddle.checkpoint import (FLOAT_DTYPES, INDEX_FILE, ITEMSIZE, Checkpo
 from ernie_paddle.config import ErnieConfig, read_json
 from ernie_paddle.errors import ErnieError
 
-from .mapping import (ROUTER, check_tied_head, expected_paddle_shape, paddle_shape, plan, pt_shapes, to_paddle,
-                      to_pt)
+from .mapping import ROUTER, checked_plan, expected_paddle_shape, paddle_shape, pt_shapes, to_paddle, to_pt
 
 PT, PADDLE = "pt", "paddle"
 LAYOUT_NAME = {PT: "-PT", PADDLE: "-Paddle"}
@@ -179,16 +178,7 @@ def target_tensors(source, config: ErnieConfig, target: str, dtype: str, where) 
     """The tensors of `source` in the `target` layout (cast to `dtype` unless "auto"), in source file order,
     each produced lazily; and the names of source tensors the target has no place for."""
     layout = detect_layout(source.names, where)
-    rank = {file: i for i, file in enumerate(dict.fromkeys(t.file for t in source.tensors.values()))}
-    names = sorted(source.names, key=lambda n: (rank[source.tensors[n].file], source.tensors[n].start))
-    try:
-        check_tied_head(config, {n: t.shape for n, t in source.tensors.items()}, layout)
-        groups, skipped = plan(names, layout, config.tie_word_embeddings)
-    except ErnieError as e:
-        raise ErnieError(f"{where}: {e}") from None
-    if not config.tie_word_embeddings and "lm_head.weight" not in {g.paddle for g in groups}:
-        raise ErnieError(f"{where}: config.json says tie_word_embeddings is false, but there is no lm_head.weight; "
-                         "set it to true if the model shares its embedding")
+    groups, skipped = checked_plan(source, config, layout, where)
     reader = LastRead(source)
     tensors = []
     for group in groups:
@@ -470,8 +460,8 @@ class PickledCheckpoint:
     def dtype(self, name: str) -> str:
         return self.tensors[name].dtype
 
-    def read(self, name: str) -> np.ndarray:
-        return self.arrays[name]
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        return self.arrays[name] if rows is None else self.arrays[name][rows[0]:rows[1]]
 
     def close(self):
         self.arrays.clear()

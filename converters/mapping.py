@@ -6,7 +6,7 @@ Each rule names one -Paddle tensor, the -PT tensors it corresponds to, and how d
   FUSE       Paddle concatenates the transposed -PT parts along its last (output) axis:
              qkv_proj = [Q | K | V] split by head counts, up_gate_proj = [GATE | UP] in halves.
 There is no q/k permutation: both layouts use the same interleaved RoPE channel order.
-The converters and the model loader both use `plan()` and `to_paddle()` / `to_pt()`.
+The converters and the model loader both use `checked_plan()` and `to_paddle()` / `to_pt()`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ernie_paddle.checkpoint import same_values
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ErnieError
 
@@ -63,6 +64,7 @@ _MATCHERS = {
     "pt": [(_regex(pt), paddle, pts, how) for paddle, pts, how in RULES for pt in pts],
 }
 _LAYOUT_NAME = {"paddle": "-Paddle", "pt": "-PT"}
+EMBEDDING = {"paddle": "ernie.embed_tokens.weight", "pt": "model.embed_tokens.weight"}
 
 
 @dataclass(frozen=True)
@@ -102,17 +104,14 @@ def plan(names, layout: str, tied: bool | None = None) -> tuple[list[Group], lis
         if SKIPPED.match(name):
             skipped.append(name)
             continue
-        hit = next(((m, p, pts, how) for rx, p, pts, how in _MATCHERS[layout] if (m := rx.match(name))), None)
-        if hit is None:
+        group = match(name, layout)
+        if group is None:
             raise ErnieError(f"tensor {name!r} is not part of the ERNIE 4.5 {_LAYOUT_NAME[layout]} layout")
-        m, paddle, pts, how = hit
-        fill = m.groupdict()
-        paddle_name = paddle.format(**fill)
-        if paddle_name == "lm_head.weight" and tied:
+        if group.paddle == "lm_head.weight" and tied:
             skipped.append(name)
             continue
-        groups[paddle_name] = Group(paddle_name, tuple(p.format(**fill) for p in pts), how)
-        seen.setdefault(paddle_name, set()).add(name)
+        groups[group.paddle] = group
+        seen.setdefault(group.paddle, set()).add(name)
     if layout == "pt":
         for g in groups.values():
             missing = [p for p in g.pt if p not in seen[g.paddle]]
@@ -120,6 +119,89 @@ def plan(names, layout: str, tied: bool | None = None) -> tuple[list[Group], lis
                 raise ErnieError(f"tensor {missing[0]!r} is missing (needed with {sorted(seen[g.paddle])[0]!r} "
                                  f"to build {g.paddle!r})")
     return list(groups.values()), skipped
+
+
+def match(name: str, layout: str) -> Group | None:
+    """The group a tensor name of `layout` belongs to, or None."""
+    for rx, paddle, pts, how in _MATCHERS[layout]:
+        if m := rx.match(name):
+            fill = m.groupdict()
+            return Group(paddle.format(**fill), tuple(p.format(**fill) for p in pts), how)
+    return None
+
+
+def paddle_names(config: ErnieConfig) -> list[str]:
+    """The -Paddle tensors of the model config.json describes, named as the model's `load_targets` names
+    its parameters: what loading fills and what a checkpoint must hold, in either layout."""
+    names = ["ernie.embed_tokens.weight"]
+    for i in range(config.num_hidden_layers):
+        layer = f"ernie.layers.{i}"
+        names += [f"{layer}.input_layernorm.weight", f"{layer}.self_attn.qkv_proj.weight",
+                  f"{layer}.self_attn.o_proj.weight", f"{layer}.post_attention_layernorm.weight"]
+        moe = config.moe
+        if moe is None or not moe.is_moe_layer(i):
+            names += [f"{layer}.mlp.up_gate_proj.weight", f"{layer}.mlp.down_proj.weight"]
+            continue
+        names += [f"{layer}.mlp.gate.weight", f"{layer}.mlp.moe_statics.e_score_correction_bias"]
+        for e in range(moe.num_experts):
+            names += [f"{layer}.mlp.experts.{e}.up_gate_proj.weight", f"{layer}.mlp.experts.{e}.down_proj.weight"]
+        if moe.num_shared_experts:
+            names += [f"{layer}.mlp.shared_experts.up_gate_proj.weight", f"{layer}.mlp.shared_experts.down_proj.weight"]
+    names.append("ernie.norm.weight")
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+def check_complete(groups: list[Group], config: ErnieConfig, layout: str):
+    """The groups make exactly the model config.json describes: none missing, none without a place."""
+    expected = paddle_names(config)
+    held = {g.paddle: g for g in groups}
+    extra = next((g for name, g in held.items() if name not in set(expected)), None)
+    if extra:
+        name = extra.paddle if layout == "paddle" else extra.pt[0]
+        raise ErnieError(f"tensor {name!r} has no place in the {config.kind} ERNIE 4.5 model that config.json "
+                         "describes; use the config.json that belongs to these weights")
+    missing = [name for name in expected if name not in held]
+    if missing == ["lm_head.weight"]:
+        raise ErnieError("config.json says tie_word_embeddings is false, but there is no lm_head.weight; "
+                         "set it to true if the model shares its embedding")
+    if layout == "pt":
+        missing = [pt for name in missing for pt in match(name, "paddle").pt]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ErnieError(f"tensor {missing[0]!r}{more} is missing, but the {config.kind} ERNIE 4.5 model that "
+                         "config.json describes needs it; download the complete checkpoint, or use the "
+                         "config.json that belongs to these weights")
+
+
+def check_tied_copy(source, config: ErnieConfig, layout: str):
+    """A tied checkpoint's own `lm_head.weight` is skipped as a copy of the embedding only if it is one,
+    bit for bit: a distinct head under a tied config.json would otherwise be dropped without a word."""
+    if not config.tie_word_embeddings or "lm_head.weight" not in source.tensors:
+        return
+    embedding = EMBEDDING[layout]
+    if not same_values(source, "lm_head.weight", embedding):
+        raise ErnieError(f"{source.tensors['lm_head.weight'].file}: tensor 'lm_head.weight' differs from the "
+                         f"embedding {embedding!r} although config.json ties them (tie_word_embeddings true or "
+                         "absent); set \"tie_word_embeddings\": false to use lm_head.weight as the head, or "
+                         "remove the tensor")
+
+
+def checked_plan(source, config: ErnieConfig, layout: str, where) -> tuple[list[Group], list[str]]:
+    """`plan` of a whole checkpoint (`source`: a Checkpoint, or anything with its `tensors`, `dtype` and
+    `read`), its groups in file order, refused (naming `where`) unless they make exactly the model
+    config.json describes; a tied lm_head copy is compared with the embedding before it is skipped."""
+    rank = {file: i for i, file in enumerate(dict.fromkeys(t.file for t in source.tensors.values()))}
+    names = sorted(source.tensors, key=lambda n: (rank[source.tensors[n].file], source.tensors[n].start))
+    try:
+        check_tied_head(config, {n: t.shape for n, t in source.tensors.items()}, layout)
+        groups, skipped = plan(names, layout, config.tie_word_embeddings)
+        check_complete(groups, config, layout)
+    except ErnieError as e:
+        raise ErnieError(f"{where}: {e}") from None
+    check_tied_copy(source, config, layout)
+    return groups, skipped
 
 
 def to_paddle(group: Group, parts: list[np.ndarray]) -> np.ndarray:

@@ -35,6 +35,7 @@ DTYPES = {
 CODES = {name: code for code, (name, _) in DTYPES.items()}
 ITEMSIZE = {name: np.dtype(np_dtype).itemsize for name, np_dtype in DTYPES.values()}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+COMPARE_BLOCK_BYTES = 4 << 20  # bytes of each tensor read at a time by same_values
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -252,19 +253,26 @@ class Checkpoint:
         return np.frombuffer(mm, dtype=np_dtype, count=info.nbytes // ITEMSIZE[info.dtype],
                              offset=info.start).reshape(info.shape)
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor copied into a fresh array. Unlike `get`, nothing stays mapped afterwards, so a pass over
-        a whole checkpoint keeps only the tensors in hand resident, not every page it has touched."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor, or its rows `rows` = (first, end) along the first axis, copied into a fresh array.
+        Unlike `get`, nothing stays mapped afterwards, so a pass over a whole checkpoint keeps only the
+        tensors in hand resident, not every page it has touched."""
         info = self.tensors[name]
         np_dtype = DTYPES[CODES[info.dtype]][1]
+        shape, offset = info.shape, info.start
+        if rows is not None:
+            first, end = rows[0], min(rows[1], shape[0])
+            row_bytes = math.prod(shape[1:]) * ITEMSIZE[info.dtype]
+            shape, offset = (end - first, *shape[1:]), offset + first * row_bytes
+        count = math.prod(shape)
         try:
             with open(info.file, "rb") as f:
-                array = np.fromfile(f, dtype=np_dtype, count=info.nbytes // ITEMSIZE[info.dtype], offset=info.start)
+                array = np.fromfile(f, dtype=np_dtype, count=count, offset=offset)
         except OSError as e:
             raise ErnieError(f"{info.file}: cannot read tensor {name!r} ({e.strerror})") from None
-        if array.nbytes != info.nbytes:
+        if array.size != count:
             raise ErnieError(f"{info.file}: truncated while reading tensor {name!r}; re-download or re-convert it")
-        return array.reshape(info.shape)
+        return array.reshape(shape)
 
     def close(self):
         for mm in self._maps.values():
@@ -280,6 +288,26 @@ def detect_layout(names, where="") -> str:
         raise ErnieError(f"{where}: cannot tell the checkpoint layout from its tensor names "
                          "(expected `ernie.*` for -Paddle or `model.*` for -PT)")
     return "paddle" if paddle else "pt"
+
+
+def same_values(source, a: str, b: str) -> bool:
+    """Whether tensors `a` and `b` of `source` (a Checkpoint, or anything with its `tensors`, `dtype` and
+    `read`) hold the same values bit for bit, each widened exactly to float32 where their dtypes differ;
+    compared a block of rows at a time, so that a large embedding is never in memory twice."""
+    info_a, info_b = source.tensors[a], source.tensors[b]
+    if info_a.shape != info_b.shape:
+        return False
+    dtype_a, dtype_b = source.dtype(a), source.dtype(b)
+    wide = dtype_a != dtype_b
+    rows = info_a.shape[0] if info_a.shape else 0
+    per_block = max(1, COMPARE_BLOCK_BYTES * max(1, rows) // max(1, info_a.nbytes))
+    for block in [(first, first + per_block) for first in range(0, rows, per_block)] or [None]:
+        x, y = source.read(a, block), source.read(b, block)
+        if wide:
+            x, y = to_float32(x, dtype_a), to_float32(y, dtype_b)
+        if not np.array_equal(x.view(f"u{x.itemsize}"), y.view(f"u{y.itemsize}")):  # bits: NaN == NaN, -0 != 0
+            return False
+    return True
 
 
 def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:

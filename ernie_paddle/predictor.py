@@ -44,11 +44,7 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, progress: bool = Tru
     cast to its parameter's dtype; -PT tensors are mapped on the fly with the converters' rules."""
     config = model.config
     layout = ckpt.layout
-    try:
-        mapping.check_tied_head(config, {n: t.shape for n, t in ckpt.tensors.items()}, layout)
-    except ErnieError as e:
-        raise ErnieError(f"{ckpt.directory}: {e}") from None
-    groups, skipped = mapping.plan(ckpt.names, layout, config.tie_word_embeddings)
+    groups, skipped = mapping.checked_plan(ckpt, config, layout, ckpt.directory)
     mtp = [name for name in skipped if mapping.SKIPPED.match(name)]
     if mtp and progress:
         print(f"ernie-paddle: skipping {len(mtp)} multi-token-prediction tensor{'s' * (len(mtp) > 1)} "
@@ -61,11 +57,7 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, progress: bool = Tru
                disable=True if not progress or total < PROGRESS_BYTES else None)  # None: only on a terminal
     for group in groups:
         sources = [group.paddle] if layout == "paddle" else list(group.pt)
-        target = params.pop(group.paddle, None)
-        if target is None:
-            raise ErnieError(f"{ckpt.directory}: tensor {sources[0]!r} has no place in the {config.kind} ERNIE 4.5 "
-                             "model that config.json describes")
-        param, expert = target
+        param, expert = params[group.paddle]
         held = tuple(param.shape[1:] if expert is not None else param.shape)
         shape = held if group.how == mapping.COPY else held[::-1]  # the -Paddle tensor's
         expected = [shape] if layout == "paddle" else mapping.pt_shapes(group, shape, config)
@@ -77,9 +69,6 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, progress: bool = Tru
         _fill(param, expert, ckpt, group, layout)
         bar.update(sum(ckpt.tensors[n].nbytes for n in sources))
     bar.close()
-    if params:
-        name = sorted(params)[0]
-        raise ErnieError(f"{ckpt.directory}: tensor {name!r} (or its -PT parts) is missing from the checkpoint")
 
 
 def _fill(param, expert: int | None, ckpt: Checkpoint, group: mapping.Group, layout: str):

@@ -439,3 +439,90 @@ def test_disk_write_failure(models, tmp_path):
                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert_failed_cleanly(proc.returncode, proc.stderr, dst, "writing failed", "File too large")
     assert not (tmp_path / "new").exists()
+
+
+def rewritten(src: Path, dst: Path, drop=(), add=None, config=None) -> Path:
+    """A copy of the one-file checkpoint `src` without the tensors `drop`, with the arrays `add` (name ->
+    (dtype, array)) appended, and config.json updated with `config`."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    if config:
+        (dst / "config.json").write_text(json.dumps(json.loads((src / "config.json").read_text()) | config))
+    ckpt = Checkpoint(src)
+    entries = [(n, ckpt.dtype(n), ckpt.tensors[n].shape, lambda n=n: ckpt.read(n)) for n in ckpt.names if n not in drop]
+    entries += [(n, dtype, a.shape, lambda a=a: a) for n, (dtype, a) in (add or {}).items()]
+    write_safetensors(dst / "model.safetensors", entries, ckpt.metadata)
+    return dst
+
+
+def one_bit_flipped(array: np.ndarray) -> np.ndarray:
+    array = array.copy()
+    array.view(f"u{array.itemsize}")[3, 5] ^= 1
+    return array
+
+
+def test_a_distinct_head_under_a_tied_config_is_refused(models, capsys, tmp_path):
+    """transformers keeps such a head (and warns); dropping it as a tied copy would change the outputs."""
+    pt = rewritten(models["untied"], tmp_path / "tied-PT", config={"tie_word_embeddings": True})
+    dst = tmp_path / "out"
+    code, _, err = run(capsys, "pt2paddle", pt, dst)
+    assert code == 2
+    assert_failed_cleanly(code, err, dst, str(pt / "model.safetensors"), "'lm_head.weight' differs from the embedding",
+                          '"tie_word_embeddings": false')
+    # A -Paddle copy one bit away from the embedding: compared bit for bit.
+    embedding = Checkpoint(models["paddle"]).read("ernie.embed_tokens.weight")
+    paddle = rewritten(models["paddle"], tmp_path / "tied-Paddle",
+                       add={"lm_head.weight": ("bfloat16", one_bit_flipped(embedding))})
+    code, _, err = run(capsys, "paddle2pt", paddle, dst)
+    assert_failed_cleanly(code, err, dst, str(paddle / "model.safetensors"), "'lm_head.weight' differs")
+    # verify cannot call them equal to a model that lost the head.
+    for a, b in ((pt, models["untied"]), (models["bf16"], paddle), (paddle, models["bf16"])):
+        code, out, err = run(capsys, "verify", a, b)
+        assert code == 2 and out == "" and "'lm_head.weight' differs" in err
+
+
+def test_a_tied_copy_equal_to_the_embedding_is_skipped(models, tmp_path):
+    embedding = Checkpoint(models["bf16"]).read("model.embed_tokens.weight")
+    pt = rewritten(models["bf16"], tmp_path / "copy-PT", add={"lm_head.weight": ("bfloat16", embedding)})
+    result = pt2paddle(pt, tmp_path / "P", progress=False)
+    assert result.skipped == ["lm_head.weight"]
+    assert tensors(tmp_path / "P") == tensors(models["paddle"])
+    widened = (embedding.astype(np.uint32) << 16).view(np.float32)  # the same values in float32
+    paddle = rewritten(models["paddle"], tmp_path / "copy-Paddle", add={"lm_head.weight": ("float32", widened)})
+    assert paddle2pt(paddle, tmp_path / "PT", progress=False).skipped == ["lm_head.weight"]
+    assert tensors(tmp_path / "PT") == tensors(models["bf16"])
+    assert verify(paddle, models["bf16"], progress=False).difference is None
+
+
+EXPERT = [f"model.layers.1.mlp.experts.2.{p}_proj.weight" for p in ("gate", "up", "down")]
+
+
+@pytest.mark.parametrize("which, drop, named", [
+    ("moe", EXPERT, "'model.layers.1.mlp.experts.2.gate_proj.weight' (and 2 more) is missing"),
+    ("moe", ["model.norm.weight", "model.layers.1.mlp.moe_statics.e_score_correction_bias"],
+     "'model.layers.1.mlp.moe_statics.e_score_correction_bias' (and 1 more) is missing"),
+    ("bf16", ["model.layers.0.self_attn.o_proj.weight"], "'model.layers.0.self_attn.o_proj.weight' is missing"),
+    ("moe-Paddle", ["ernie.layers.1.mlp.experts.3.down_proj.weight"],
+     "'ernie.layers.1.mlp.experts.3.down_proj.weight' is missing"),
+    ("paddle", ["ernie.norm.weight"], "'ernie.norm.weight' is missing"),
+])
+def test_an_incomplete_checkpoint_is_refused_before_writing(models, capsys, tmp_path, which, drop, named):
+    if which == "moe-Paddle":
+        pt2paddle(models["moe"], tmp_path / "moe-Paddle", progress=False)
+    src = rewritten(tmp_path / which if which == "moe-Paddle" else models[which], tmp_path / "incomplete", drop=drop)
+    dst = tmp_path / "new" / "out"
+    code, _, err = run(capsys, "paddle2pt" if "addle" in which else "pt2paddle", src, dst)
+    assert code == 2
+    assert_failed_cleanly(code, err, dst, f"{src}: tensor {named}", "config.json describes needs it")
+    assert not dst.parent.exists()
+
+
+def test_a_tensor_config_json_has_no_place_for_is_refused(models, capsys, tmp_path):
+    extra = Checkpoint(models["moe"]).read("model.layers.1.mlp.experts.0.down_proj.weight")
+    src = rewritten(models["moe"], tmp_path / "five-experts",
+                    add={"model.layers.1.mlp.experts.4.down_proj.weight": ("float32", extra)})
+    dst = tmp_path / "out"
+    code, _, err = run(capsys, "pt2paddle", src, dst)
+    assert_failed_cleanly(code, err, dst, "'model.layers.1.mlp.experts.4.down_proj.weight' has no place in the moe")
