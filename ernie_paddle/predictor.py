@@ -57,7 +57,7 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, progress: bool = Tru
                disable=True if not progress or total < PROGRESS_BYTES else None)  # None: only on a terminal
     for group in groups:
         sources = [group.paddle] if layout == "paddle" else list(group.pt)
-        param, expert = params[group.paddle]
+        param, expert = params.pop(group.paddle)
         held = tuple(param.shape[1:] if expert is not None else param.shape)
         shape = held if group.how == mapping.COPY else held[::-1]  # the -Paddle tensor's
         expected = [shape] if layout == "paddle" else mapping.pt_shapes(group, shape, config)
@@ -69,6 +69,9 @@ def load_weights(model: ErnieForCausalLM, ckpt: Checkpoint, progress: bool = Tru
         _fill(param, expert, ckpt, group, layout)
         bar.update(sum(ckpt.tensors[n].nbytes for n in sources))
     bar.close()
+    if params:  # checked_plan lists what config.json needs; this holds it to what the model holds
+        raise ErnieError(f"{ckpt.directory}: tensor {sorted(params)[0]!r} (or its -PT parts) is missing from the "
+                         "checkpoint")
 
 
 def _fill(param, expert: int | None, ckpt: Checkpoint, group: mapping.Group, layout: str):
