@@ -10,6 +10,7 @@ metric functions are the library; `run_check()` is the CLI.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -258,8 +259,14 @@ def transformers_side(directory: Path, eos_ids, pad_id: int, progress: bool = Tr
 
     with tempfile.TemporaryDirectory(prefix="ernie-check-") as tmp:
         pt_dir = directory
-        if Checkpoint(directory).layout == "paddle":
+        checkpoint = Checkpoint(directory)
+        if checkpoint.layout == "paddle":
             from converters.convert import paddle2pt
+            needed, free = sum(t.nbytes for t in checkpoint.tensors.values()), shutil.disk_usage(tmp).free
+            if needed > free:
+                raise ErnieError(f"{directory}: transformers reads -PT weights, so check converts this -Paddle "
+                                 f"model into {tmp} ({needed / 1e9:.1f} GB), where {free / 1e9:.1f} GB are free; "
+                                 "set TMPDIR to a roomier folder, or pass the -PT checkpoint as --reference-model")
             pt_dir = Path(tmp) / "PT"
             paddle2pt(directory, pt_dir, progress=progress)
         model = model_class.from_pretrained(pt_dir, dtype=torch.float32).eval()
