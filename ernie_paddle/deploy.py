@@ -577,6 +577,9 @@ def _check_out(out: str, overwrite: bool):
         raise ErnieError(f"--out {out}: already exists; choose a new directory or pass --overwrite")
     if path.exists() and not path.is_dir():
         raise ErnieError(f"--out {out}: exists and is not a directory")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking:
+        raise ErnieError(f"--out {out}: {blocking} is a file, not a directory; choose another --out")
 
 
 def plan_deployment(args) -> Plan:
