@@ -194,3 +194,20 @@ def test_docs_table_puts_xpu_wint4_for_moe_where_the_rules_do(capsys, models, tm
                       (ROOT / "docs" / "deployment.md").read_text(), re.M)
     first = next(version for version, quantization in rows if re.search(r"xpu:[^;]*wint4", quantization))
     assert first == accepted[0]
+
+
+def test_chosen_tensor_parallel_writes_the_published_configs(tmp_path):
+    """configs/ stays as it is when deploy chooses the tensor-parallel size itself (every reference
+    deployment that does not name one is a one-device recipe)."""
+    for model, (values, layout, targets) in render_configs.MODELS.items():
+        source = tmp_path / "models" / model
+        render_configs.write_stand_in(source, layout, values)
+        for name, (engine, device, quantization, flags) in targets.items():
+            committed = ROOT / "configs" / model / name
+            if "--tensor-parallel-size" in flags or not committed.exists():
+                continue
+            chosen = plan(engine, source, "--model-ref", f"baidu/{model}", "--device", device, "--quantization",
+                          quantization, *flags, tensor_parallel_size=None)
+            out = deploy.write_deployment(chosen, tmp_path / model / name)
+            for file in committed.iterdir():
+                assert (out / file.name).read_text() == file.read_text(), f"{model}/{name}/{file.name}"
