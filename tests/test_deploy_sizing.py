@@ -19,15 +19,12 @@ spec = importlib.util.spec_from_file_location("render_configs", ROOT / "tools" /
 render_configs = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(render_configs)
 
-# ERNIE-4.5-300B-A47B: the shape of transformers' Ernie4_5_MoeConfig scaled to the published model.
-ERNIE_300B_A47B = dict(
-    vocab_size=103424, hidden_size=8192, intermediate_size=28672, num_hidden_layers=54, num_attention_heads=64,
-    num_key_value_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
-    tie_word_embeddings=False, use_bias=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, dtype="bfloat16",
-    kind="moe", extra=dict(
-        moe_num_experts=64, moe_num_shared_experts=0, moe_layer_start_index=3, moe_layer_end_index=53,
-        moe_layer_interval=1, moe_intermediate_size=3584, moe_k=8, moe_capacity=[64, 64, 64], moe_gate="topk",
-        moe_use_aux_free=True, num_nextn_predict_layers=1, use_cache=False))
+# ERNIE-4.5-300B-A47B: the 21B-A3B stand-in (transformers' Ernie4_5_MoeConfig shape) scaled to the published model.
+ERNIE_300B_A47B = {
+    **render_configs.ERNIE_21B_A3B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 54,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "tie_word_embeddings": False,
+    "extra": {**render_configs.ERNIE_21B_A3B["extra"], "moe_num_shared_experts": 0, "moe_layer_start_index": 3,
+              "moe_layer_end_index": 53, "moe_intermediate_size": 3584, "moe_k": 8}}
 
 
 @pytest.fixture(scope="module")
