@@ -347,7 +347,8 @@ class Memory:
         return self.device_gb * 1e9 * self.utilization
 
     def describe(self) -> str:
-        return f"{self.model} ({_billions(self.parameters)} parameters, {_gb(self.weights)} of weights in {self.served_as})"
+        return (f"{self.model} ({_billions(self.parameters)} parameters, {_gb(self.weights)} of weights in "
+                f"{self.served_as})")
 
     def shortfall(self, tp: int, device: str) -> str:
         return (f"at tensor parallel {tp} each {device} needs {_gb(self.per_device(tp))} (its share of the weights and "
@@ -390,7 +391,6 @@ def _smallest_tensor_parallel(memory: Memory, quantization: str, device: str, re
 def _tensor_parallel(args, engine: str, device: str, release: FastDeployRelease | None, config: ErnieConfig,
                      memory: Memory) -> int:
     """The tensor-parallel size: as given (refused when it cannot hold the weights), else chosen."""
-    quantization = args.quantization
     given = getattr(args, "tensor_parallel_size", None)
     if given is not None:
         problem = _tensor_parallel_error(given, device, release, config)
@@ -398,16 +398,18 @@ def _tensor_parallel(args, engine: str, device: str, release: FastDeployRelease 
             raise ErnieError(f"--tensor-parallel-size {given}: {problem}")
         if memory.fits(given):
             return given
-    tp, memory.tp_reason = _smallest_tensor_parallel(memory, quantization, device, release, config)
+    tp, memory.tp_reason = _smallest_tensor_parallel(memory, args.quantization, device, release, config)
     if given is not None:
         fix = (f"use --tensor-parallel-size {tp} ({memory.tp_reason})" if tp else
                _too_big_fix(engine, device, release, config, memory))
-        raise ErnieError(f"--tensor-parallel-size {given}: {memory.describe()}: {memory.shortfall(given, device)}; {fix}")
+        raise ErnieError(f"--tensor-parallel-size {given}: {memory.describe()}: {memory.shortfall(given, device)}; "
+                         f"{fix}")
     if tp is None:
         largest = max(d for d in range(1, _tensor_parallel_limit(device, release) + 1)
                       if not _tensor_parallel_error(d, device, release, config))
+        fix = _too_big_fix(engine, device, release, config, memory)
         raise ErnieError(f"--model {args.model}: {memory.describe()} does not fit on one node: "
-                         f"{memory.shortfall(largest, device)}; {_too_big_fix(engine, device, release, config, memory)}")
+                         f"{memory.shortfall(largest, device)}; {fix}")
     return tp
 
 
@@ -643,7 +645,11 @@ def _memory_note(plan: Plan) -> str:
     RAM), where deploy chose more than one device, or where the given size is below FastDeploy's recipe."""
     memory, tp = plan.memory, plan.settings["tensor_parallel_size"]
     if memory.device_gb is None:
-        cache = plan.settings.get("kv_cache_memory_bytes", 0)
+        cache = plan.settings.get("kv_cache_memory_bytes")
+        if cache is None:
+            return (f"Memory: vLLM on CPU keeps {memory.describe()} in the serving machine's RAM, and takes "
+                    f"{plan.settings['gpu_memory_utilization']} of that RAM for the KV cache; deploy cannot check "
+                    "that machine.")
         return (f"Memory: vLLM on CPU keeps {memory.describe()} and {_gb(cache)} of KV cache in the serving "
                 f"machine's RAM, about {_gb(memory.weights + cache)} in all; deploy cannot check that machine.")
     recipe = _recipe(memory, plan.quantization, plan.device, plan.release)

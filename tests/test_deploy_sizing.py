@@ -113,7 +113,8 @@ def test_tensor_parallel_not_given_follows_the_published_recipe(models, model, f
     chosen = plan("fastdeploy", models / model, *flags, tensor_parallel_size=None)
     assert chosen.settings["tensor_parallel_size"] == tp
     if tp > 1:
-        assert any(note.startswith(f"Tensor parallel {tp} (FastDeploy's published recipe for ") for note in chosen.notes)
+        assert any(note.startswith(f"Tensor parallel {tp} (FastDeploy's published recipe for ")
+                   for note in chosen.notes)
         assert any(note.startswith("Memory: ") and "GB assumed per device" in note for note in chosen.notes)
 
 
@@ -158,6 +159,9 @@ def test_vllm_cpu_states_the_ram_it_needs(capsys, models, tmp_path):
             "KV cache in the serving machine's RAM, about 1212 GB in all; deploy cannot check that machine.")
     assert err == f"note: Memory: {note}\n"
     assert f"- Memory: {note}" in (tmp_path / "d" / "README.md").read_text()
+    code, _, err = run(capsys, "vllm", models / "300b-pt", tmp_path / "share", "--device", "cpu",
+                       "--gpu-memory-utilization", "0.5")
+    assert code == 0 and "and takes 0.5 of that RAM for the KV cache" in err
 
 
 @pytest.mark.parametrize("out,message", [
