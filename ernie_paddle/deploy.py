@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
-import shutil
 import socket
-import tempfile
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
+from converters.convert import staged
+
 from .checkpoint import Checkpoint
 from .config import ErnieConfig
-from .deploy_rules import (DEFAULT_FASTDEPLOY_VERSION, FASTDEPLOY, FASTDEPLOY_BATCHED_TOKENS_CHUNKED,
-                           FASTDEPLOY_BATCHED_TOKENS_V1, FASTDEPLOY_MAX_NUM_SEQS, FASTDEPLOY_MIN_MODEL_LEN,
-                           FASTDEPLOY_TORCH_TRANSFORMERS_ABOVE, VLLM, FastDeployRelease)
+from .deploy_rules import (DEFAULT_FASTDEPLOY_VERSION, DEVICE_MEMORY_GB, DEVICES_PER_NODE, FASTDEPLOY,
+                           FASTDEPLOY_BATCHED_TOKENS_CHUNKED, FASTDEPLOY_BATCHED_TOKENS_V1, FASTDEPLOY_MAX_NUM_SEQS,
+                           FASTDEPLOY_MIN_MODEL_LEN, FASTDEPLOY_RECIPE_TP, FASTDEPLOY_TORCH_TRANSFORMERS_ABOVE,
+                           PUBLISHED_MODELS, VLLM, FastDeployRelease)
 from .errors import ErnieError
 
 # Per engine: the config file name, how options are spelled in it, defaults (per device where they
@@ -112,6 +113,7 @@ class Plan:
     settings: dict                      # engine config, our underscored names, in file order
     env: dict = field(default_factory=dict)         # exported unless already set
     fixed_env: dict = field(default_factory=dict)   # always exported
+    memory: Memory | None = None
     notes: list = field(default_factory=list)
 
     @property
@@ -246,7 +248,8 @@ def _check_ratio(value: float, flag: str):
         raise ErnieError(f"{flag} {value}: must be in (0, 1]")
 
 
-def _check_tensor_parallel(tp: int, device: str, release: FastDeployRelease | None, config: ErnieConfig):
+def _tensor_parallel_error(tp: int, device: str, release: FastDeployRelease | None, config: ErnieConfig) -> str:
+    """Why the engine refuses `tp` ranks for this model; "" when it takes them."""
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     if release and release.kv_heads_split:
         # FastDeploy 2.0 / 2.1 model_executor/layers/linear.py: divide(kv_heads, tp).
@@ -258,15 +261,176 @@ def _check_tensor_parallel(tp: int, device: str, release: FastDeployRelease | No
         rule = (f"must divide num_attention_heads ({heads}) and divide or be a multiple of "
                 f"num_key_value_heads ({kv})")
     if tp not in valid:
-        raise ErnieError(f"--tensor-parallel-size {tp}: {rule}; use one of {', '.join(map(str, valid))}")
+        return f"{rule}; use one of {', '.join(map(str, valid))}"
+    if release is None or tp <= _tensor_parallel_limit(device, release):
+        return ""
+    limit = _tensor_parallel_limit(device, release)
+    if not release.tp_limit_per_node:
+        return f"FastDeploy {release.version} accepts 1 to {limit}"
+    return (f"FastDeploy {release.version} runs at most {limit} ranks per {device} node; more needs several "
+            "nodes (--ips), which deploy does not write")
+
+
+def _tensor_parallel_limit(device: str, release: FastDeployRelease | None) -> int:
+    return release.tp_limit_per_device.get(device, release.tp_limit) if release else DEVICES_PER_NODE
+
+
+# Bytes per weight under FastDeploy's weight quantizations: (routed experts, the other linear layers);
+# the embedding and lm_head stay in the checkpoint's dtype. On ERNIE, wint4 is mix_quant with int8
+# dense layers (worker/worker_process.py), except on dense models in FastDeploy 2.0 (see _weight_bytes).
+QUANTIZED_WEIGHT_BYTES = {"wint8": (1, 1), "wint4": (0.5, 1), "block_wise_fp8": (1, 1)}
+
+
+def _parameters(config: ErnieConfig) -> tuple[int, int, int]:
+    """Parameters of the embedding (and an untied lm_head), of the routed experts and of the other
+    linear layers, from config.json alone; the norms (under 0.01%) and the MTP layer FastDeploy loads
+    only for speculative decoding are left out."""
+    hidden, layers, moe = config.hidden_size, config.num_hidden_layers, config.moe
+    attention = hidden * config.head_dim * 2 * (config.num_attention_heads + config.num_key_value_heads)
+    moe_layers = sum(map(moe.is_moe_layer, range(layers))) if moe else 0
+    experts = moe_layers * moe.num_experts * 3 * hidden * moe.intermediate_size if moe else 0
+    shared_and_router = (moe_layers * hidden * (3 * moe.intermediate_size * moe.num_shared_experts + moe.num_experts)
+                         if moe else 0)
+    linear = layers * attention + (layers - moe_layers) * 3 * hidden * config.intermediate_size + shared_and_router
+    return config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2), experts, linear
+
+
+def _weight_bytes(config: ErnieConfig, quantization: str, width: int, release: FastDeployRelease | None) -> float:
+    embedding, experts, linear = _parameters(config)
+    if quantization == "none":
+        return width * (embedding + experts + linear)
+    expert_bytes, linear_bytes = QUANTIZED_WEIGHT_BYTES[quantization]
+    if quantization == "wint4" and config.kind == "dense" and not release.wint4_dense_as_wint8:
+        linear_bytes = 0.5
+    return width * embedding + expert_bytes * experts + linear_bytes * linear
+
+
+def _model_name(config: ErnieConfig) -> str:
+    """The published model config.json describes, else its size."""
+    for name, shape in PUBLISHED_MODELS.items():
+        if all(getattr(config, key) == value for key, value in shape.items()):
+            return name
+    return f"a {_billions(sum(_parameters(config)))}-parameter ERNIE 4.5 model"
+
+
+def _billions(parameters: int) -> str:
+    return f"{parameters / 1e9:.0f}B" if parameters >= 1e10 else f"{parameters / 1e9:.2g}B"
+
+
+def _gb(size: float) -> str:
+    return f"{size / 1e9:.{0 if size >= 1e10 else 1}f} GB"
+
+
+@dataclass
+class Memory:
+    """The weights as served, and one full sequence of KV cache, against one device's memory."""
+    model: str               # the published model config.json describes, or its size
+    parameters: int
+    weights: float           # bytes, all ranks together
+    served_as: str           # the dtype, or the quantization
+    kv_sequence: int         # bytes of KV cache for one max_model_len sequence, all ranks together
+    kv_heads: int
+    max_model_len: int
+    device_gb: float | None  # memory per device assumed; None on CPU (the serving machine's RAM is unknown)
+    utilization: float       # the share of it the engine uses
+    recipes: bool            # FastDeploy's published recipes apply: the device memory is the one they are for
+    tp_reason: str = ""      # why deploy chose the tensor-parallel size; "" when it was given
+
+    def per_device(self, tp: int) -> float:
+        return self.weights / tp + self.kv_sequence / min(tp, self.kv_heads)
+
+    def fits(self, tp: int) -> bool:
+        return self.device_gb is None or self.per_device(tp) <= self.usable
+
+    @property
+    def usable(self) -> float:
+        return self.device_gb * 1e9 * self.utilization
+
+    def describe(self) -> str:
+        return (f"{self.model} ({_billions(self.parameters)} parameters, {_gb(self.weights)} of weights in "
+                f"{self.served_as})")
+
+    def shortfall(self, tp: int, device: str) -> str:
+        return (f"at tensor parallel {tp} each {device} needs {_gb(self.per_device(tp))} (its share of the weights and "
+                f"of one {self.max_model_len}-token sequence of KV cache), above the {_gb(self.usable)} usable "
+                f"({self.utilization} of the {self.device_gb} GB assumed per device)")
+
+
+def _memory(config: ErnieConfig, quantization: str, dtype: str, release: FastDeployRelease | None,
+            max_model_len: int, utilization: float, device_gb: float | None, recipes: bool) -> Memory:
+    served = config.dtype if dtype == "auto" else dtype
+    return Memory(model=_model_name(config), parameters=sum(_parameters(config)),
+                  weights=_weight_bytes(config, quantization, DTYPE_BYTES.get(served, 2), release),
+                  served_as=served if quantization == "none" else quantization,
+                  kv_sequence=max_model_len * _kv_bytes_per_token(config, dtype), kv_heads=config.num_key_value_heads,
+                  max_model_len=max_model_len, device_gb=device_gb, utilization=utilization, recipes=recipes)
+
+
+def _recipe(memory: Memory, quantization: str, device: str, release: FastDeployRelease | None) -> int | None:
+    """The tensor-parallel size of FastDeploy's published recipe for this model, if there is one."""
+    if release is None or not memory.recipes:
+        return None
+    return FASTDEPLOY_RECIPE_TP.get((memory.model, device), {}).get(quantization)
+
+
+def _smallest_tensor_parallel(memory: Memory, quantization: str, device: str, release: FastDeployRelease | None,
+                              config: ErnieConfig) -> tuple[int | None, str]:
+    """The tensor-parallel size for these weights and why: FastDeploy's published recipe where there is
+    one, else the smallest the engine takes whose share fits one device (None: none on one node)."""
+    recipe = _recipe(memory, quantization, device, release)
+    limit = _tensor_parallel_limit(device, release)
+    for tp in range(recipe or 1, limit + 1):
+        if not _tensor_parallel_error(tp, device, release, config) and memory.fits(tp):
+            if tp == recipe:
+                return tp, f"FastDeploy's published recipe for {memory.model} with {quantization} on {device}"
+            return tp, (f"the fewest {device} devices that hold {_gb(memory.weights)} of weights in "
+                        f"{memory.served_as}, at {memory.device_gb} GB each")
+    return None, ""
+
+
+def _tensor_parallel(args, engine: str, device: str, release: FastDeployRelease | None, config: ErnieConfig,
+                     memory: Memory) -> int:
+    """The tensor-parallel size: as given (refused when it cannot hold the weights), else chosen."""
+    given = getattr(args, "tensor_parallel_size", None)
+    if given is not None:
+        problem = _tensor_parallel_error(given, device, release, config)
+        if problem:
+            raise ErnieError(f"--tensor-parallel-size {given}: {problem}")
+        if memory.fits(given):
+            return given
+    tp, memory.tp_reason = _smallest_tensor_parallel(memory, args.quantization, device, release, config)
+    if given is not None:
+        fix = (f"use --tensor-parallel-size {tp} ({memory.tp_reason})" if tp else
+               _too_big_fix(engine, device, release, config, memory))
+        raise ErnieError(f"--tensor-parallel-size {given}: {memory.describe()}: {memory.shortfall(given, device)}; "
+                         f"{fix}")
+    if tp is None:
+        largest = max(d for d in range(1, _tensor_parallel_limit(device, release) + 1)
+                      if not _tensor_parallel_error(d, device, release, config))
+        fix = _too_big_fix(engine, device, release, config, memory)
+        raise ErnieError(f"--model {args.model}: {memory.describe()} does not fit on one node: "
+                         f"{memory.shortfall(largest, device)}; {fix}")
+    return tp
+
+
+def _too_big_fix(engine: str, device: str, release: FastDeployRelease | None, config: ErnieConfig,
+                 memory: Memory) -> str:
+    """What fits instead: a smaller weight quantization, or FastDeploy's where vLLM serves unquantized."""
     if release is None:
-        return
-    limit = release.tp_limit_per_device.get(device, release.tp_limit)
-    if tp > limit and not release.tp_limit_per_node:
-        raise ErnieError(f"--tensor-parallel-size {tp}: FastDeploy {release.version} accepts 1 to {limit}")
-    if tp > limit:
-        raise ErnieError(f"--tensor-parallel-size {tp}: FastDeploy {release.version} runs at most {limit} ranks "
-                         f"per {device} node; more needs several nodes (--ips), which deploy does not write")
+        return ("vLLM serves it unquantized here: use `ernie-paddle deploy fastdeploy --quantization wint4`"
+                if device == "gpu" else "it needs several nodes, which deploy does not write")
+    options = []  # "wint8 (tensor parallel 8)", ...
+    for quantization in _allowed_quantizations(engine, device, config.kind):
+        weights = _weight_bytes(config, quantization, DTYPE_BYTES.get(config.dtype, 2), release)
+        if weights < memory.weights:
+            smaller = replace(memory, weights=weights, served_as=quantization)
+            tp, _ = _smallest_tensor_parallel(smaller, quantization, device, release, config)
+            if tp:
+                options.append(f"{quantization} ({'tensor parallel ' if not options else ''}{tp})")
+    if not options:
+        return "it needs several nodes, which deploy does not write"
+    return "use --quantization " + (" or ".join(options) if len(options) < 3 else
+                                    ", ".join(options[:-1]) + " or " + options[-1])
 
 
 def _max_len_ceiling(engine: str, config: ErnieConfig, model: str) -> tuple[int, str]:
@@ -282,17 +446,15 @@ def _max_len_ceiling(engine: str, config: ErnieConfig, model: str) -> tuple[int,
     return ceiling
 
 
-def _sizes(args, engine: str, device: str, release: FastDeployRelease | None, config: ErnieConfig) -> dict:
+def _sizes(args, engine: str, device: str, release: FastDeployRelease | None,
+           config: ErnieConfig) -> tuple[dict, Memory]:
     defaults = {**ENGINES[engine], **DEVICE_DEFAULTS.get(device, {})}
-    tp = args.tensor_parallel_size
-    _check_tensor_parallel(tp, device, release, config)
     ceiling, ceiling_reason = _max_len_ceiling(engine, config, args.model)
     max_model_len = _positive(_option(args, "max_model_len", min(defaults["max_model_len"], ceiling)),
                               "--max-model-len")
     max_num_seqs = _positive(_option(args, "max_num_seqs", defaults["max_num_seqs"]), "--max-num-seqs")
     if max_model_len > ceiling:
         raise ErnieError(f"--max-model-len {max_model_len}: above {ceiling_reason}; use at most that")
-    sizes = {"tensor_parallel_size": tp, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs}
     batched = _positive(getattr(args, "max_num_batched_tokens", None), "--max-num-batched-tokens")
     block_size = BLOCK_SIZE.get(device, 64)
     if release:
@@ -300,22 +462,28 @@ def _sizes(args, engine: str, device: str, release: FastDeployRelease | None, co
     elif batched is not None and batched < max_num_seqs:
         raise ErnieError(f"--max-num-batched-tokens {batched}: vLLM needs at least max_num_seqs ({max_num_seqs}) "
                          "(vllm/config/scheduler.py); raise it or lower --max-num-seqs")
-    if batched is not None:
-        sizes["max_num_batched_tokens"] = batched
+    dtype = "auto" if release else _option(args, "dtype", VLLM_DTYPE[device])
     if device == "cpu" and getattr(args, "gpu_memory_utilization", None) is None:
         # On CPU vLLM reads gpu_memory_utilization as a share of host RAM (v1/worker/cpu_worker.py); an
         # explicit KV cache size is the same on every machine: the cache for max_num_seqs full sequences.
-        dtype = _option(args, "dtype", VLLM_DTYPE[device])
-        sizes["kv_cache_memory_bytes"] = max_model_len * max_num_seqs * _kv_bytes_per_token(config, dtype)
+        cache = {"kv_cache_memory_bytes": max_model_len * max_num_seqs * _kv_bytes_per_token(config, dtype)}
     else:
-        gpu_memory = _option(args, "gpu_memory_utilization", defaults["gpu_memory_utilization"])
-        _check_ratio(gpu_memory, "--gpu-memory-utilization")
-        sizes["gpu_memory_utilization"] = gpu_memory
+        cache = {"gpu_memory_utilization": _option(args, "gpu_memory_utilization", defaults["gpu_memory_utilization"])}
+        _check_ratio(cache["gpu_memory_utilization"], "--gpu-memory-utilization")
+    # FastDeploy's recipes are for the cards DEVICE_MEMORY_GB assumes; for other memory sizes deploy computes.
+    device_gb = getattr(args, "device_memory_gb", None)
+    memory = _memory(config, args.quantization, dtype, release, max_model_len, cache.get("gpu_memory_utilization", 1.0),
+                     device_gb or DEVICE_MEMORY_GB.get(device), recipes=device_gb is None)
+    tp = _tensor_parallel(args, engine, device, release, config, memory)
+    sizes = {"tensor_parallel_size": tp, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs}
+    if batched is not None:
+        sizes["max_num_batched_tokens"] = batched
+    sizes.update(cache)
     if release:
         kv_cache_ratio = _option(args, "kv_cache_ratio", 0.75)
         _check_ratio(kv_cache_ratio, "--kv-cache-ratio")
         sizes["kv_cache_ratio"] = kv_cache_ratio
-    return sizes
+    return sizes, memory
 
 
 def _fastdeploy_start_checks(release: FastDeployRelease, device: str, max_model_len: int, max_num_seqs: int,
@@ -357,9 +525,13 @@ def _kv_bytes_per_token(config: ErnieConfig, dtype: str) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * width
 
 
+def _allowed_quantizations(engine: str, device: str, kind: str) -> tuple:
+    return QUANTIZATIONS[(engine, device)] + (MOE_ONLY_QUANTIZATIONS.get((engine, device), ()) if kind == "moe" else ())
+
+
 def _check_quantization(engine: str, device: str, quantization: str, kind: str):
     moe_names = MOE_ONLY_QUANTIZATIONS.get((engine, device), ())
-    allowed = QUANTIZATIONS[(engine, device)] + (moe_names if kind == "moe" else ())
+    allowed = _allowed_quantizations(engine, device, kind)
     if quantization not in allowed:
         raise ErnieError(f"--quantization {quantization}: not supported by {engine} on {device}"
                          f"{' for dense models' if quantization in moe_names else ''}; "
@@ -407,6 +579,9 @@ def _check_out(out: str, overwrite: bool):
         raise ErnieError(f"--out {out}: already exists; choose a new directory or pass --overwrite")
     if path.exists() and not path.is_dir():
         raise ErnieError(f"--out {out}: exists and is not a directory")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking:
+        raise ErnieError(f"--out {out}: {blocking} is a file, not a directory; choose another --out")
 
 
 def plan_deployment(args) -> Plan:
@@ -418,7 +593,7 @@ def plan_deployment(args) -> Plan:
     _check_quantization(engine, device, args.quantization, config.kind)
     _check_layout(engine, device, layout, release, args.model)
     fixed_env = _torch_format_env(raw, layout, args.model, release) if release else {}
-    sizes = _sizes(args, engine, device, release, config)
+    sizes, memory = _sizes(args, engine, device, release, config)
     ports = _ports(args, engine)
     _check_out(args.out, getattr(args, "overwrite", False))
 
@@ -444,7 +619,7 @@ def plan_deployment(args) -> Plan:
         env[VISIBLE_DEVICES[device]] = ",".join(str(i) for i in range(tp))
     plan = Plan(engine=engine, device=device, model_ref=args.model_ref or str(Path(args.model).resolve()),
                 served_name=served_name, layout=layout, kind=config.kind, quantization=args.quantization,
-                release=release, settings=settings, env=env, fixed_env=fixed_env)
+                release=release, settings=settings, env=env, fixed_env=fixed_env, memory=memory)
     plan.notes = _notes(plan, config)
     return plan
 
@@ -465,19 +640,48 @@ def _quantization_note(plan: Plan) -> str:
     return "int4 weights (FastDeploy 2.0 applies wint4 to dense models as asked)"
 
 
+def _memory_note(plan: Plan) -> str:
+    """What the weights need, where it is worth saying: on CPU (deploy cannot see the serving machine's
+    RAM), where deploy chose more than one device, or where the given size is below FastDeploy's recipe."""
+    memory, tp = plan.memory, plan.settings["tensor_parallel_size"]
+    if memory.device_gb is None:
+        cache = plan.settings.get("kv_cache_memory_bytes")
+        if cache is None:
+            return (f"Memory: vLLM on CPU keeps {memory.describe()} in the serving machine's RAM, and takes "
+                    f"{plan.settings['gpu_memory_utilization']} of that RAM for the KV cache; deploy cannot check "
+                    "that machine.")
+        return (f"Memory: vLLM on CPU keeps {memory.describe()} and {_gb(cache)} of KV cache in the serving "
+                f"machine's RAM, about {_gb(memory.weights + cache)} in all; deploy cannot check that machine.")
+    recipe = _recipe(memory, plan.quantization, plan.device, plan.release)
+    if recipe and tp < recipe:
+        return (f"Memory: FastDeploy's published recipe for {memory.model} with {plan.quantization} on {plan.device} "
+                f"uses tensor parallel {recipe}; at {tp} the weights fit ({_gb(memory.per_device(tp))} per device "
+                f"of {memory.device_gb} GB), leaving less room for the KV cache.")
+    if memory.tp_reason and tp > 1:
+        return (f"Memory: {memory.describe()}; {_gb(memory.per_device(tp))} per {plan.device} with one "
+                f"{memory.max_model_len}-token sequence of KV cache, within the {_gb(memory.usable)} usable of the "
+                f"{memory.device_gb} GB assumed per device.")
+    return ""
+
+
 def _notes(plan: Plan, config: ErnieConfig) -> list[str]:
     s = plan.settings
     kv, heads = config.num_key_value_heads, config.num_attention_heads
     tp = s["tensor_parallel_size"]
     split = (f"divides the {kv} KV heads" if kv % tp == 0 else
              f"the {kv} KV heads are replicated over the ranks, the {heads} query heads split")
+    memory = plan.memory
+    chosen = f" ({memory.tp_reason})" if memory.tp_reason and tp > 1 else ""
     notes = [
         f"Targets {plan.target}; layout {LAYOUT_NAMES[plan.layout]}: what it loads on {plan.device}.",
-        f"Tensor parallel {tp}: {split}.",
+        f"Tensor parallel {tp}{chosen}: {split}.",
         f"max_model_len {s['max_model_len']} (the model allows {config.max_position_embeddings}): "
         "bounds the KV cache; raise it only if prompts need it.",
         f"Quantization {plan.quantization}: {_quantization_note(plan)}.",
     ]
+    memory_note = _memory_note(plan)
+    if memory_note:
+        notes.append(memory_note)
     if "served_model_name" not in s:
         notes.append(f"FastDeploy {plan.release.version} has no served_model_name: requests name the model by "
                      "its path (see /v1/models).")
@@ -601,32 +805,26 @@ def _readme(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_deployment(plan: Plan, out: str | Path, overwrite: bool = False) -> Path:
-    """Render into a temporary sibling directory, then rename it into place: no half-written DIR."""
+def write_deployment(plan: Plan, out: str | Path) -> Path:
+    """Render into a hidden sibling directory, then put it in place of DIR (converters' `staged`, as
+    `convert` writes DST): no half-written DIR, and an unwritable place is one ErnieError line."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        files = {plan.config_name: _yaml(plan), "launch.sh": _launch_script(plan),
-                 "smoke_test.sh": smoke_test_script(plan.settings["port"], plan.served_name),
-                 "README.md": _readme(plan)}
+    files = {plan.config_name: _yaml(plan), "launch.sh": _launch_script(plan),
+             "smoke_test.sh": smoke_test_script(plan.settings["port"], plan.served_name), "README.md": _readme(plan)}
+    with staged(out) as staging:
         for name, text in files.items():
             (staging / name).write_text(text, encoding="utf-8")
         for script in ("launch.sh", "smoke_test.sh"):
             (staging / script).chmod(0o755)
-        staging.chmod(0o755)
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
 def run_deploy(args) -> int:
     plan = plan_deployment(args)
-    out = write_deployment(plan, args.out, getattr(args, "overwrite", False))
+    out = write_deployment(plan, args.out)
     print(f"wrote {out}/ ({plan.config_name}, launch.sh, smoke_test.sh, README.md): {plan.target} on "
-          f"{plan.device}, {LAYOUT_NAMES[plan.layout]}, quantization {plan.quantization}, port {plan.settings['port']}")
+          f"{plan.device}, {LAYOUT_NAMES[plan.layout]}, quantization {plan.quantization}, tensor parallel "
+          f"{plan.settings['tensor_parallel_size']}, port {plan.settings['port']}")
+    if plan.memory.device_gb is None:
+        print(f"note: {_memory_note(plan)}", file=sys.stderr)
     return 0

@@ -136,3 +136,38 @@ VLLM = {
     "vllm-ascend": VllmRelease("vllm-ascend", "0.18.0", ("npu",),
                                "vllm 0.18.0 exactly, torch-npu 2.9.0, CANN 8.5.1"),
 }
+
+# Memory per device that `deploy` sizes tensor parallelism for, in GB (10^9 bytes; the cards' nominal
+# sizes, a little below what they really hold): the cards of FastDeploy's ERNIE recipes. No entry for
+# cpu: the serving machine's RAM is not knowable here.
+DEVICE_MEMORY_GB = {
+    "gpu": 80,       # H800 / A800 80GB: docs/best_practices/ERNIE-4.5-*-Paddle.md
+    "xpu": 96,       # Kunlun P800, the card docs/get_started/installation/kunlunxin_xpu.md names
+    "dcu": 64,       # Hygon K100-AI, the card docs/get_started/installation/hygon_dcu.md names
+    "iluvatar": 32,  # one BI150 device: iluvatar_gpu.md runs 21B-A3B at TP 4 on two BI150 cards
+    "npu": 64,       # Ascend 910B (Atlas 800I A2), vllm-ascend's ERNIE hardware
+}
+
+# The published ERNIE 4.5 text models, told apart by their config.json.
+PUBLISHED_MODELS = {
+    "ERNIE-4.5-0.3B": {"kind": "dense", "hidden_size": 1024, "num_hidden_layers": 18},
+    "ERNIE-4.5-21B-A3B": {"kind": "moe", "hidden_size": 2560, "num_hidden_layers": 28},
+    "ERNIE-4.5-300B-A47B": {"kind": "moe", "hidden_size": 8192, "num_hidden_layers": 54},
+}
+# Tensor-parallel sizes of FastDeploy's published recipes, for the cards of DEVICE_MEMORY_GB:
+# (model, device) -> {quantization: TP}. GPU: docs/best_practices/ERNIE-4.5-{0.3B,21B-A3B,300B-A47B}-Paddle.md
+# (the fewest H800 / A800 80GB per quantization); XPU: docs/usage/kunlunxin_xpu_deployment.md (32K);
+# DCU: hygon_dcu.md; Iluvatar: iluvatar_gpu.md.
+FASTDEPLOY_RECIPE_TP = {
+    ("ERNIE-4.5-0.3B", "gpu"): {"wint8": 1, "wint4": 1, "block_wise_fp8": 1},
+    ("ERNIE-4.5-0.3B", "xpu"): {"none": 1, "wint8": 1},
+    ("ERNIE-4.5-21B-A3B", "gpu"): {"wint8": 1, "wint4": 1, "block_wise_fp8": 1},
+    ("ERNIE-4.5-21B-A3B", "xpu"): {"none": 1, "wint8": 1, "wint4": 1},
+    ("ERNIE-4.5-21B-A3B", "iluvatar"): {"wint8": 4},
+    ("ERNIE-4.5-300B-A47B", "gpu"): {"wint8": 8, "wint4": 4, "block_wise_fp8": 8},
+    ("ERNIE-4.5-300B-A47B", "xpu"): {"wint8": 8, "wint4": 4},
+    ("ERNIE-4.5-300B-A47B", "dcu"): {"wint8": 8},
+    ("ERNIE-4.5-300B-A47B", "iluvatar"): {"wint8": 16},
+}
+# Devices one node holds where the engine has no limit of its own (vLLM): launch.sh starts one node.
+DEVICES_PER_NODE = 8
