@@ -87,7 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=["gpu", "xpu", "dcu", "iluvatar", "npu", "cpu"],
                    help="default: gpu (fastdeploy, vllm), npu (vllm-ascend); cpu: vllm's CPU build")
     p.add_argument("--quantization", default="none", choices=["none", "wint8", "wint4", "block_wise_fp8"])
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="default: the published recipe's, else the fewest devices that hold the weights")
+    p.add_argument("--device-memory-gb", type=float, default=None,
+                   help="memory of one device, to size tensor parallelism (default: 80 for gpu; see docs)")
     p.add_argument("--max-model-len", type=int, default=None, help="default: 32768 FastDeploy, 4096 vLLM")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)

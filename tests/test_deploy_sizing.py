@@ -76,15 +76,18 @@ def test_published_models_counted_at_their_size(models, model, parameters):
     assert memory.parameters == pytest.approx(parameters, rel=0.01)
 
 
+ONE = ["--tensor-parallel-size", "1"]
+
+
 @pytest.mark.parametrize("flags,fix", [
-    (["--quantization", "wint4"], "use --tensor-parallel-size 4 (FastDeploy's published recipe for "
-                                  "ERNIE-4.5-300B-A47B with wint4 on gpu)"),
-    (["--quantization", "wint8"], "use --tensor-parallel-size 8 (FastDeploy's published recipe"),
-    (["--quantization", "block_wise_fp8"], "use --tensor-parallel-size 8"),
+    (["--quantization", "wint4", *ONE], "use --tensor-parallel-size 4 (FastDeploy's published recipe for "
+                                        "ERNIE-4.5-300B-A47B with wint4 on gpu)"),
+    (["--quantization", "wint8", *ONE], "use --tensor-parallel-size 8 (FastDeploy's published recipe"),
+    (["--quantization", "block_wise_fp8", *ONE], "use --tensor-parallel-size 8"),
     (["--quantization", "wint4", "--tensor-parallel-size", "2"], "use --tensor-parallel-size 4"),
     ([], "use --quantization wint8 (tensor parallel 8), wint4 (4) or block_wise_fp8 (8)"),
-    (["--quantization", "wint8", "--device", "xpu"], "use --tensor-parallel-size 8 (FastDeploy's published "
-                                                     "recipe for ERNIE-4.5-300B-A47B with wint8 on xpu)"),
+    (["--quantization", "wint8", "--device", "xpu", *ONE], "use --tensor-parallel-size 8 (FastDeploy's published "
+                                                           "recipe for ERNIE-4.5-300B-A47B with wint8 on xpu)"),
 ])
 def test_given_tensor_parallel_that_cannot_hold_the_weights_is_refused(capsys, models, tmp_path, flags, fix):
     code, _, err = run(capsys, "fastdeploy", models / "300b-paddle", tmp_path / "d", *flags)
@@ -92,6 +95,17 @@ def test_given_tensor_parallel_that_cannot_hold_the_weights_is_refused(capsys, m
     assert "ERNIE-4.5-300B-A47B (299B parameters, " in err and fix in err
     assert "GB assumed per device" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, tensor_parallel", [
+    (["--quantization", "wint4"], 4), (["--quantization", "wint8"], 8),
+    (["--quantization", "wint8", "--device-memory-gb", "141"], 4),  # no recipe for that memory: computed
+])
+def test_the_command_line_sizes_300b_when_no_size_is_given(capsys, models, tmp_path, flags, tensor_parallel):
+    code, _, err = run(capsys, "fastdeploy", models / "300b-paddle", tmp_path / "d", *flags)
+    assert code == 0, err
+    written = "\n".join(p.read_text() for p in (tmp_path / "d").iterdir() if p.suffix in (".yaml", ".sh"))
+    assert re.search(rf"tensor[_-]parallel[_-]size\W+{tensor_parallel}\b", written), written
 
 
 def test_vllm_serves_300b_unquantized_so_no_node_holds_it(capsys, models, tmp_path):
