@@ -287,6 +287,14 @@ def transformers_side(directory: Path, eos_ids, pad_id: int, progress: bool = Tr
     return Side(f"transformers {__version__} {model_class.__name__}, float32 on cpu", logits, generate)
 
 
+def config_difference(model_dir: Path, reference_dir: Path) -> str | None:
+    """A note when the two models are not the same architecture: then no threshold can hold."""
+    model, reference = ErnieConfig.from_dir(model_dir), ErnieConfig.from_dir(reference_dir)
+    differ = [f"{key} {getattr(model, key)!r} against {getattr(reference, key)!r}" for key in model.__dataclass_fields__
+              if key not in ("dtype", "extra") and getattr(model, key) != getattr(reference, key)]
+    return f"the two config.json differ ({'; '.join(differ)}): these are different models" if differ else None
+
+
 def encode_prompts(model_dir: Path, prompts: list[str], path: str | None, greedy_tokens: int) -> list[list[int]]:
     """The prompts' token ids, checked before any model loads: each with its greedy tokens must fit the
     model's positions."""
@@ -464,7 +472,7 @@ def run_check(args) -> int:
 
     report = compare(reference, cand_side, prompt_ids, prompts, thresholds,
                      args.greedy_tokens, eos_ids, lambda token: show(tokenizer, token))
-    note = None if args.reference_model else (
+    note = config_difference(model_dir, reference_dir) if args.reference_model else (
         "both sides load the weights of --model: this shows that the implementations and devices agree, not that "
         "the weights are right; pass --reference-model DIR (e.g. the original of a conversion) to check those")
     kind = "strict" if precision == "float32" else "quantized" if precision in QUANTIZED else "loose"

@@ -203,3 +203,12 @@ def test_a_prompt_beyond_the_models_positions_is_refused_before_loading(tmp_path
                        "--greedy-tokens", greedy_tokens)
     assert code == 2 and err.count("\n") == 1, err
     assert "prompt 2 has" in err and f"with --greedy-tokens {greedy_tokens} exceed the model's" in err
+
+
+def test_a_reference_of_another_architecture_is_named_in_a_note(models, tmp_path, capsys):
+    pt, _ = models
+    save_tiny_pt(tmp_path / "other", seed=5, vocab_size=448, eos_token_id=447, num_hidden_layers=3)
+    code, out, _ = run(capsys, "--model", pt, "--reference", "cpu", "--reference-model", tmp_path / "other",
+                       "--greedy-tokens", 2)
+    assert code == 1
+    assert "note: the two config.json differ (num_hidden_layers 2 against 3): these are different models" in out
