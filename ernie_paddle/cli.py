@@ -218,7 +218,8 @@ def main(argv=None) -> int:
     except ErnieError as e:
         print(f"ernie-paddle {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # nothing half-written: --json files and deploy's --out are written at the end
+        print(f"ernie-paddle {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

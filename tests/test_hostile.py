@@ -407,3 +407,18 @@ def test_largest_seed_is_accepted(predictor):
     runs = [predictor.generate(PROMPT, max_new_tokens=6, temperature=1.0, seed=2**64 - 1)[0].token_ids
             for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_ctrl_c_during_a_benchmark_says_so_and_writes_nothing(tmp_path):
+    report = tmp_path / "bench.json"
+    proc = subprocess.Popen([sys.executable, "-m", "ernie_paddle", "bench", "--model", str(DEMO), "--device", "cpu",
+                             "--input-lens", "3", "--output-lens", "400", "--repeat", "100", "--json", str(report)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    for line in proc.stdout:  # the table's head is printed before the first row is measured
+        if line.startswith("|---"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "ernie-paddle bench: interrupted", err
+    assert not report.exists()
