@@ -337,11 +337,15 @@ def run_generate(args) -> int:
             for chunk in pred.stream(prompt, **kwargs):
                 print(chunk.text, end="", flush=True)
             print()
-            print(f"[{chunk.finish_reason}; {chunk.generated_tokens} tokens, "
-                  f"{chunk.generation_tps:.1f} tok/s]", file=sys.stderr)
+            _summary(chunk)
         return 0
     for prompt, result in zip(args.prompt, pred.generate(args.prompt, **kwargs)):
         print(prompt + result.text)
-        print(f"[{result.finish_reason}; {result.prompt_tokens} prompt tokens at {result.prompt_tps:.1f} tok/s, "
-              f"{result.generated_tokens} generated at {result.generation_tps:.1f} tok/s]", file=sys.stderr)
+        _summary(result)
     return 0
+
+
+def _summary(result: GenerationResult | Chunk):
+    """The command's line on stderr after each output, streamed (the last Chunk) or not."""
+    print(f"[{result.finish_reason}; {result.prompt_tokens} prompt tokens at {result.prompt_tps:.1f} tok/s, "
+          f"{result.generated_tokens} generated at {result.generation_tps:.1f} tok/s]", file=sys.stderr)

@@ -1,5 +1,7 @@
 """The embedded demo model: it knows its facts, in both layouts, and `ernie-paddle demo` runs."""
 
+import re
+
 import pytest
 
 from ernie_paddle import ErniePredictor
@@ -46,8 +48,13 @@ def test_generate_stream_command_ends_each_prompt_with_a_newline(capsys):
     argv = ["generate", "--model", str(DEMO_MODEL), "--device", "cpu", "--stream",
             "--prompt", "The capital of France is", "--prompt", "法国的首都是"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert out == "The capital of France is Paris.\n法国的首都是巴黎。\n"
+    captured = capsys.readouterr()
+    assert captured.out == "The capital of France is Paris.\n法国的首都是巴黎。\n"
+    assert main([a for a in argv if a != "--stream"]) == 0  # without --stream: the same summary line on stderr
+    summaries = [re.sub(r"[\d.]+ tok/s", "R tok/s", line) for line in
+                 captured.err.splitlines() + capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(summaries) == 4 and summaries[:2] == summaries[2:]
+    assert summaries[0] == "[stop; 5 prompt tokens at R tok/s, 4 generated at R tok/s]"
 
 
 def test_tokenizer_agrees_with_transformers(demo):
