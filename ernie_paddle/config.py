@@ -38,19 +38,29 @@ MOE_FIXED_VALUES = {
     "moe_gate": ("topk",), "moe_gate_act": ("softmax",), "moe_use_aux_free": (True,),
     "moe_norm_gate_logits": (True,),
 }
-# The same for every ERNIE 4.5 text model: RMSNorm, and RoPE without scaling.
-FIXED_VALUES = {"use_rmsnorm": (True,), "rope_scaling": (None, {"rope_type": "default"}, {"type": "default"})}
+# The same for every ERNIE 4.5 text model: RMSNorm (RoPE without scaling: _check_rope).
+FIXED_VALUES = {"use_rmsnorm": (True,)}
 
 
 def _check_fixed_values(raw: dict, fixed: dict, source: str):
-    rope_type = (raw.get("rope_parameters") or {}).get("rope_type", "default")
-    if rope_type != "default":
-        raise ErnieError(f"{source}: rope_parameters.rope_type {rope_type!r} is not supported (ERNIE 4.5 text "
-                         "models use plain RoPE, rope_type 'default')")
     for key, allowed in fixed.items():
         if key in raw and raw[key] not in allowed:
-            raise ErnieError(f"{source}: {key} = {raw[key]!r} is not supported (ERNIE 4.5 text models use "
-                             f"{allowed[0]!r}, as transformers' implementation does)")
+            raise ErnieError(f"{source}: {key} = {json.dumps(raw[key])} is not supported (ERNIE 4.5 text models use "
+                             f"{json.dumps(allowed[0])}, as transformers' implementation does)")
+
+
+def _check_rope(raw: dict, source: str):
+    """Plain RoPE: rope_scaling and rope_parameters absent, null, or of type "default"."""
+    for key in ("rope_scaling", "rope_parameters"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ErnieError(f"{source}: {key} = {json.dumps(value)} is not a JSON object")
+        rope_type = value.get("rope_type", value.get("type", "default"))
+        if rope_type != "default":
+            raise ErnieError(f"{source}: {key} asks for RoPE type {json.dumps(rope_type)}, which is not supported "
+                             "(ERNIE 4.5 text models use plain RoPE, type \"default\", as transformers' implementation does)")
 
 
 def _integer(raw: dict, key: str, default=None) -> int:
@@ -155,6 +165,7 @@ class ErnieConfig:
             raise ErnieError(
                 f"{source}: architecture {arch or model_type!r} is not ERNIE 4.5 "
                 f"(expected one of {', '.join(DENSE_ARCHITECTURES + MOE_ARCHITECTURES)})")
+        _check_rope(raw, source)
         try:
             heads = _integer(raw, "num_attention_heads")
             hidden = _integer(raw, "hidden_size")

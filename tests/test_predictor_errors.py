@@ -64,9 +64,10 @@ def test_config_of_another_architecture(capsys, model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("rope_scaling", {"type": "yarn", "factor": 4.0}, "rope_scaling = {'type': 'yarn', 'factor': 4.0} is not supported"),
-    ("rope_parameters", {"rope_type": "linear", "factor": 2.0}, "rope_parameters.rope_type 'linear' is not supported"),
-    ("use_rmsnorm", False, "use_rmsnorm = False is not supported"),
+    ("rope_scaling", {"type": "yarn", "factor": 4.0}, 'rope_scaling asks for RoPE type "yarn", which is not supported'),
+    ("rope_parameters", {"rope_type": "linear", "factor": 2.0}, 'rope_parameters asks for RoPE type "linear"'),
+    ("rope_parameters", "default", 'rope_parameters = "default" is not a JSON object'),
+    ("use_rmsnorm", False, "use_rmsnorm = false is not supported"),
     ("hidden_size", 2.5, "bad value (hidden_size 2.5 is not an integer)"),
 ])
 def test_config_values_the_model_would_ignore_are_refused(capsys, model_dir, tmp_path, key, value, message):
@@ -76,6 +77,15 @@ def test_config_values_the_model_would_ignore_are_refused(capsys, model_dir, tmp
     (broken / "config.json").write_text(json.dumps(cfg))
     code, _, err = generate(capsys, broken)
     assert code == 2 and message in one_error_line(err)
+
+
+@pytest.mark.parametrize("key, value", [("rope_scaling", {"rope_type": "default", "rope_theta": 500000.0}),
+                                        ("rope_scaling", {}), ("rope_parameters", {"type": "default", "factor": 1.0})])
+def test_plain_rope_spelled_any_way_is_accepted(model_dir, tmp_path, key, value):
+    from ernie_paddle.config import ErnieConfig
+    config = copy_model(model_dir, tmp_path / "m") / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), key: value}))
+    assert ErnieConfig.from_dir(config.parent).kind == "dense"
 
 
 def test_truncated_safetensors(capsys, model_dir, tmp_path):
