@@ -295,16 +295,16 @@ def write_json(path: Path, data: dict):
 
 
 @contextmanager
-def staged(dst: Path):
+def staged(dst: Path, option: str = "DST"):
     """A hidden temporary sibling of `dst`, put in place of `dst` when the block succeeds and removed, with
     any parent directories made for it, when it fails. SIGINT and SIGTERM wait out the swap and the
-    clean-up, so neither is cut in half."""
+    clean-up, so neither is cut in half. Errors name `dst` as the user gave it: `option`."""
     made = [p for p in reversed(dst.parents) if not p.exists()]
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = hidden_sibling(dst, "partial")
     except OSError as e:
-        raise ErnieError(f"{dst}: cannot create it ({e.strerror}); choose a writable place for DST") from None
+        raise ErnieError(f"{dst}: cannot create it ({e.strerror}); choose a writable place for {option}") from None
     try:
         try:
             yield tmp
@@ -312,7 +312,7 @@ def staged(dst: Path):
                 replace(dst, tmp)
         except OSError as e:
             raise ErnieError(f"{dst}: writing failed ({e.strerror or e}); nothing was written. "
-                             "Free disk space or choose another DST") from None
+                             f"Free disk space or choose another {option}") from None
     except BaseException:
         with interrupts_ignored():
             shutil.rmtree(tmp, ignore_errors=True)

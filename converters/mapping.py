@@ -156,8 +156,8 @@ def paddle_names(config: ErnieConfig) -> list[str]:
 def check_complete(groups: list[Group], config: ErnieConfig, layout: str):
     """The groups make exactly the model config.json describes: none missing, none without a place."""
     expected = paddle_names(config)
-    held = {g.paddle: g for g in groups}
-    extra = next((g for name, g in held.items() if name not in set(expected)), None)
+    held, known = {g.paddle: g for g in groups}, set(expected)
+    extra = next((g for name, g in held.items() if name not in known), None)
     if extra:
         name = extra.paddle if layout == "paddle" else extra.pt[0]
         raise ErnieError(f"tensor {name!r} has no place in the {config.kind} ERNIE 4.5 model that config.json "

@@ -259,14 +259,8 @@ def transformers_side(directory: Path, eos_ids, pad_id: int, progress: bool = Tr
 
     with tempfile.TemporaryDirectory(prefix="ernie-check-") as tmp:
         pt_dir = directory
-        checkpoint = Checkpoint(directory)
-        if checkpoint.layout == "paddle":
+        if Checkpoint(directory).layout == "paddle":
             from converters.convert import paddle2pt
-            needed, free = sum(t.nbytes for t in checkpoint.tensors.values()), shutil.disk_usage(tmp).free
-            if needed > free:
-                raise ErnieError(f"{directory}: transformers reads -PT weights, so check converts this -Paddle "
-                                 f"model into {tmp} ({needed / 1e9:.1f} GB), where {free / 1e9:.1f} GB are free; "
-                                 "set TMPDIR to a roomier folder, or pass the -PT checkpoint as --reference-model")
             pt_dir = Path(tmp) / "PT"
             paddle2pt(directory, pt_dir, progress=progress)
         model = model_class.from_pretrained(pt_dir, dtype=torch.float32).eval()
@@ -295,10 +289,23 @@ def config_difference(model_dir: Path, reference_dir: Path) -> str | None:
     return f"the two config.json differ ({'; '.join(differ)}): these are different models" if differ else None
 
 
+def check_room_for_conversion(reference_dir: Path):
+    """transformers reads -PT weights only, so a -Paddle reference is converted into a temporary folder
+    first: say before any loading when it would not fit there."""
+    checkpoint = Checkpoint(reference_dir)
+    if checkpoint.layout != "paddle":
+        return
+    folder = tempfile.gettempdir()
+    needed, free = sum(t.nbytes for t in checkpoint.tensors.values()), shutil.disk_usage(folder).free
+    if needed > free:
+        raise ErnieError(f"{reference_dir}: transformers reads -PT weights, so check converts this -Paddle model "
+                         f"into {folder} ({needed / 2**30:.2f} GiB), where {free / 2**30:.2f} GiB are free; set "
+                         "TMPDIR to a roomier folder, or pass the -PT checkpoint as --reference-model")
+
+
 def encode_prompts(model_dir: Path, prompts: list[str], path: str | None, greedy_tokens: int) -> list[list[int]]:
     """The prompts' token ids, checked before any model loads: each with its greedy tokens must fit the
     model's positions."""
-    from .config import ErnieConfig
     from .tokenizer import Tokenizer
 
     if not (model_dir / "tokenizer.model").is_file():
@@ -450,6 +457,8 @@ def run_check(args) -> int:
         raise ErnieError(f"--greedy-tokens {args.greedy_tokens}: must be 0 (no generation) or more")
     prompts = load_prompts(args.prompts)
     prompt_ids = encode_prompts(model_dir, prompts, args.prompts, args.greedy_tokens)
+    if reference_kind == "transformers":
+        check_room_for_conversion(reference_dir)
 
     candidate = ErniePredictor.from_pretrained(model_dir, device=args.device, dtype=args.dtype,
                                                weight_dtype=args.weight_dtype, quantization=args.quantization)

@@ -170,22 +170,23 @@ def _check_output_file(path):
     appending (which changes nothing in an existing file), and remove it again if it was not there."""
     if not path:
         return
-    existed = os.path.lexists(path)
+    target = os.path.realpath(path)  # a link's target is what gets written
+    existed = os.path.exists(target)
     try:
-        with open(path, "a"):
+        with open(target, "a"):
             pass
     except OSError as e:
         raise ErnieError(f"--json {path}: cannot write this file ({e.strerror}); name a file in a folder "
                          "you can write to") from None
     if not existed:
-        os.remove(path)
+        os.remove(target)
 
 
 def _run(args) -> int:
     _check_output_file(getattr(args, "json_out", None))
     if args.command == "generate":
         if "" in (args.stop or []):
-            raise ErnieError("--stop '': an empty stop string would stop before the first token; give the text to stop at")
+            raise ErnieError("--stop '': an empty stop string stops nothing; give the text to stop at")
         from .predictor import run_generate
         return run_generate(args)
     if args.command == "demo":

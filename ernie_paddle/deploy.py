@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import re
 import socket
 import sys
@@ -295,8 +296,34 @@ def _parameters(config: ErnieConfig) -> tuple[int, int, int]:
     return config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2), experts, linear
 
 
+# Bytes per weight of the quantization types a published pre-quantized checkpoint's config.json names in
+# its quantization_config (ERNIE-4.5-300B-A47B-W4A8C8-TP4-Paddle: moe w4a8, dense wint8).
+STORED_WEIGHT_BYTES = {"wint8": 1, "w8a8": 1, "block_wise_fp8": 1, "fp8": 1, "wint4": 0.5, "w4a8": 0.5,
+                       "w4afp8": 0.5, "wint2": 0.25, "w4w2": 0.25}
+
+
+def _stored_quantization(config: ErnieConfig) -> tuple[float, float, str] | None:
+    """A pre-quantized checkpoint's bytes per routed-expert and per other linear weight, and how to say
+    it; None for a checkpoint of plain weights. Unknown types are refused: they cannot be sized."""
+    stored = config.extra.get("quantization_config")
+    if not stored:
+        return None
+    overall = stored.get("quantization") if isinstance(stored, dict) else None
+    kinds = (stored.get("moe_quant_type", overall), stored.get("dense_quant_type", overall)) \
+        if isinstance(stored, dict) else (None, None)
+    unknown = [kind for kind in kinds if kind not in STORED_WEIGHT_BYTES]
+    if unknown:
+        raise ErnieError(f"config.json: quantization_config {json.dumps(stored)}: deploy does not know the size of "
+                         f"{json.dumps(unknown[0])} weights (it knows {', '.join(STORED_WEIGHT_BYTES)}), so it cannot "
+                         "size tensor parallelism for this checkpoint")
+    return STORED_WEIGHT_BYTES[kinds[0]], STORED_WEIGHT_BYTES[kinds[1]], f"its own {kinds[0]} / {kinds[1]}"
+
+
 def _weight_bytes(config: ErnieConfig, quantization: str, width: int, release: FastDeployRelease | None) -> float:
     embedding, experts, linear = _parameters(config)
+    stored = _stored_quantization(config)
+    if stored:
+        return width * embedding + stored[0] * experts + stored[1] * linear
     if quantization == "none":
         return width * (embedding + experts + linear)
     expert_bytes, linear_bytes = QUANTIZED_WEIGHT_BYTES[quantization]
@@ -358,10 +385,10 @@ class Memory:
 
 def _memory(config: ErnieConfig, quantization: str, dtype: str, release: FastDeployRelease | None,
             max_model_len: int, utilization: float, device_gb: float | None, recipes: bool) -> Memory:
-    served = config.dtype if dtype == "auto" else dtype
+    served, stored = config.dtype if dtype == "auto" else dtype, _stored_quantization(config)
     return Memory(model=_model_name(config), parameters=sum(_parameters(config)),
                   weights=_weight_bytes(config, quantization, DTYPE_BYTES.get(served, 2), release),
-                  served_as=served if quantization == "none" else quantization,
+                  served_as=stored[2] if stored else served if quantization == "none" else quantization,
                   kv_sequence=max_model_len * _kv_bytes_per_token(config, dtype), kv_heads=config.num_key_value_heads,
                   max_model_len=max_model_len, device_gb=device_gb, utilization=utilization, recipes=recipes)
 
@@ -402,8 +429,9 @@ def _tensor_parallel(args, engine: str, device: str, release: FastDeployRelease 
     if given is not None:
         fix = (f"use --tensor-parallel-size {tp} ({memory.tp_reason})" if tp else
                _too_big_fix(engine, device, release, config, memory))
+        larger = " (or, with devices that hold more, --device-memory-gb)" if memory.recipes else ""
         raise ErnieError(f"--tensor-parallel-size {given}: {memory.describe()}: {memory.shortfall(given, device)}; "
-                         f"{fix}")
+                         f"{fix}{larger}")
     if tp is None:
         largest = max(d for d in range(1, _tensor_parallel_limit(device, release) + 1)
                       if not _tensor_parallel_error(d, device, release, config))
@@ -472,8 +500,12 @@ def _sizes(args, engine: str, device: str, release: FastDeployRelease | None,
         _check_ratio(cache["gpu_memory_utilization"], "--gpu-memory-utilization")
     # FastDeploy's recipes are for the cards DEVICE_MEMORY_GB assumes; for other memory sizes deploy computes.
     device_gb = getattr(args, "device_memory_gb", None)
+    if device_gb is not None and (device == "cpu" or not 0 < device_gb < math.inf):
+        raise ErnieError(f"--device-memory-gb {device_gb}: " + (
+            "not for --device cpu, whose serving machine's RAM deploy cannot know" if device == "cpu" else
+            "must be a positive number of GB, the memory of one device"))
     memory = _memory(config, args.quantization, dtype, release, max_model_len, cache.get("gpu_memory_utilization", 1.0),
-                     device_gb or DEVICE_MEMORY_GB.get(device), recipes=device_gb is None)
+                     DEVICE_MEMORY_GB.get(device) if device_gb is None else device_gb, recipes=device_gb is None)
     tp = _tensor_parallel(args, engine, device, release, config, memory)
     sizes = {"tensor_parallel_size": tp, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs}
     if batched is not None:
@@ -811,7 +843,7 @@ def write_deployment(plan: Plan, out: str | Path) -> Path:
     out = Path(out)
     files = {plan.config_name: _yaml(plan), "launch.sh": _launch_script(plan),
              "smoke_test.sh": smoke_test_script(plan.settings["port"], plan.served_name), "README.md": _readme(plan)}
-    with staged(out) as staging:
+    with staged(out, "--out") as staging:
         for name, text in files.items():
             (staging / name).write_text(text, encoding="utf-8")
         for script in ("launch.sh", "smoke_test.sh"):

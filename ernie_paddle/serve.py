@@ -458,6 +458,8 @@ class Server:
                     yield _sse({**payload, "choices": [], "usage": _usage([last])})
             except Exception as e:  # a bug: the client still gets an error event and the end of the stream
                 log.exception("streaming a response failed")
+                ended = True
+                self.metrics.requests.labels("error").inc()
                 yield _sse(ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
             finally:  # also when the client went away: Starlette cancels this generator
                 self.engine.cancel(engine_request)

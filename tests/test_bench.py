@@ -84,13 +84,15 @@ def test_bf16_weights_report_the_bytes_they_read(tmp_path):
 ])
 def test_bad_options_fail_in_one_line(capsys, tmp_path, model_dir, flag, value, message):
     (tmp_path / "a-file").touch()
+    (tmp_path / "a-link").symlink_to(tmp_path / "nowhere.json")
     value = value.format(tmp=tmp_path, file=tmp_path / "a-file")
-    code = main(["bench", "--model", str(model_dir), "--device", "cpu", flag, value])
+    json_link = [] if flag == "--json" else ["--json", str(tmp_path / "a-link")]  # a dangling link: nothing made
+    code = main(["bench", "--model", str(model_dir), "--device", "cpu", flag, value, *json_link])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("ernie-paddle bench: error: ")
     assert message in lines[0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing left by the check
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-link"]  # nothing left by the check
 
 
 def test_moe_model_reports_the_bytes_of_the_routed_experts(tmp_path):

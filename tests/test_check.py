@@ -212,3 +212,20 @@ def test_a_reference_of_another_architecture_is_named_in_a_note(models, tmp_path
                        "--greedy-tokens", 2)
     assert code == 1
     assert "note: the two config.json differ (num_hidden_layers 2 against 3): these are different models" in out
+
+
+def test_a_paddle_reference_that_would_not_fit_the_temporary_folder_is_refused_before_loading(
+        models, capsys, monkeypatch):
+    import shutil
+
+    from ernie_paddle.predictor import ErniePredictor
+
+    _, paddle = models
+    monkeypatch.setattr(check.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 1024, 1024))
+
+    def loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the check")
+    monkeypatch.setattr(ErniePredictor, "from_pretrained", loading)
+    code, _, err = run(capsys, "--model", paddle, "--reference", "transformers")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "so check converts this -Paddle model into" in err and "0.00 GiB are free; set TMPDIR" in err

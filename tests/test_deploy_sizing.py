@@ -33,6 +33,14 @@ def models(tmp_path_factory):
     for layout in ("pt", "paddle"):
         render_configs.write_stand_in(root / f"300b-{layout}", layout, ERNIE_300B_A47B)
         render_configs.write_stand_in(root / f"21b-{layout}", layout, render_configs.ERNIE_21B_A3B)
+    # ERNIE-4.5-300B-A47B-W4A8C8-TP4-Paddle: quantized before publishing, served on 4 GPUs.
+    w4a8 = {"quantization": "mix_quant", "moe_quant_type": "w4a8", "dense_quant_type": "wint8",
+            "kv_cache_quant_type": "int8"}
+    render_configs.write_stand_in(root / "300b-w4a8", "paddle", {
+        **ERNIE_300B_A47B, "extra": {**ERNIE_300B_A47B["extra"], "quantization_config": w4a8}})
+    unknown = {**w4a8, "moe_quant_type": "w9"}
+    render_configs.write_stand_in(root / "300b-w9", "paddle", {
+        **ERNIE_300B_A47B, "extra": {**ERNIE_300B_A47B["extra"], "quantization_config": unknown}})
     render_configs.write_stand_in(root / "0.3b-pt", "pt")
     return root
 
@@ -181,7 +189,7 @@ def test_vllm_cpu_states_the_ram_it_needs(capsys, models, tmp_path):
 @pytest.mark.parametrize("out,message", [
     ("afile/x", "--out {tmp}/afile/x: {tmp}/afile is a file, not a directory; choose another --out"),
     ("afile/deeper/x", "{tmp}/afile is a file, not a directory"),
-    ("/proc/nope", "/proc/nope: cannot create it (No such file or directory)"),
+    ("/proc/nope", "/proc/nope: cannot create it (No such file or directory); choose a writable place for --out"),
 ])
 def test_out_that_cannot_be_made_is_one_error_line(capsys, models, tmp_path, out, message):
     (tmp_path / "afile").write_text("")
@@ -226,3 +234,31 @@ def test_chosen_tensor_parallel_writes_the_published_configs(tmp_path):
             out = deploy.write_deployment(chosen, tmp_path / model / name)
             for file in committed.iterdir():
                 assert (out / file.name).read_text() == file.read_text(), f"{model}/{name}/{file.name}"
+
+
+def test_a_checkpoint_quantized_before_publishing_is_sized_by_its_own_quantization(capsys, models, tmp_path):
+    code, _, err = run(capsys, "fastdeploy", models / "300b-w4a8", tmp_path / "given", "--tensor-parallel-size", "4")
+    assert code == 0, err
+    memory = plan("fastdeploy", models / "300b-w4a8", tensor_parallel_size=None).memory
+    assert memory.served_as == "its own w4a8 / wint8" and memory.fits(4) and not memory.fits(2)
+    code, _, err = run(capsys, "fastdeploy", models / "300b-w9", tmp_path / "unknown")
+    assert 'deploy does not know the size of "w9" weights' in one_error_line(code, err)
+
+
+@pytest.mark.parametrize("engine, flags, message", [
+    ("fastdeploy", ["--device-memory-gb", "0"], "--device-memory-gb 0.0: must be a positive number of GB"),
+    ("fastdeploy", ["--device-memory-gb", "nan"], "--device-memory-gb nan: must be a positive number of GB"),
+    ("vllm", ["--device", "cpu", "--device-memory-gb", "16"], "--device-memory-gb 16.0: not for --device cpu"),
+])
+def test_bad_device_memory_is_one_error_line(capsys, models, tmp_path, engine, flags, message):
+    code, _, err = run(capsys, engine, models / "300b-pt", tmp_path / "d", "--quantization", "wint4", *flags) \
+        if engine == "fastdeploy" else run(capsys, engine, models / "300b-pt", tmp_path / "d", *flags)
+    assert message in one_error_line(code, err)
+
+
+def test_a_refused_size_points_to_device_memory_when_it_assumed_it(capsys, models, tmp_path):
+    code, _, err = run(capsys, "fastdeploy", models / "300b-paddle", tmp_path / "d", "--quantization", "wint4",
+                       "--tensor-parallel-size", "2")
+    assert "(or, with devices that hold more, --device-memory-gb)" in one_error_line(code, err)
+    assert run(capsys, "fastdeploy", models / "300b-paddle", tmp_path / "e", "--quantization", "wint4",
+               "--tensor-parallel-size", "2", "--device-memory-gb", "141")[0] == 0

@@ -355,7 +355,7 @@ Path.rename = rename_then_die
     ("--temperature", "nan", "temperature nan: must be a finite number >= 0"),
     ("--seed", "-1", "seed -1: must be an integer in 0..18446744073709551615"),
     ("--seed", str(2**70), f"seed {2**70}: must be an integer in 0..18446744073709551615"),
-    ("--stop", "", "--stop '': an empty stop string would stop before the first token"),
+    ("--stop", "", "--stop '': an empty stop string stops nothing"),
 ])
 def test_bad_sampling_option_on_the_command_line(flag, value, message):
     generate_fails(DEMO, message, extra=(flag, value))

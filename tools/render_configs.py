@@ -10,10 +10,13 @@ model's layout. Stating the values here rather than committing config.json files
 them, and a test re-renders into a temporary directory and compares with configs/.
 
     python tools/render_configs.py            # rewrite configs/
+    python tools/render_configs.py --check    # say whether configs/ is current (exit 1 if not)
 """
 
 from __future__ import annotations
 
+import argparse
+import filecmp
 import json
 import shutil
 import sys
@@ -111,10 +114,20 @@ def render(out: Path):
                     raise SystemExit(f"render_configs: `ernie-paddle {' '.join(argv)}` failed")
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="compare with configs/ instead of rewriting it; "
+                                                                "exit 1 when it is stale")
+    args = parser.parse_args(argv)
     staging = Path(tempfile.mkdtemp(prefix=".configs.", dir=ROOT))
     try:
         render(staging)
+        if args.check:
+            stale = filecmp.dircmp(staging, CONFIGS)
+            differ = _differences(stale)
+            print(f"configs/ is stale: {', '.join(differ[:5])}; run python tools/render_configs.py" if differ else
+                  "configs/ is up to date")
+            return 1 if differ else 0
         staging.chmod(0o755)
         shutil.rmtree(CONFIGS, ignore_errors=True)
         staging.rename(CONFIGS)
@@ -122,6 +135,14 @@ def main() -> int:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {CONFIGS}")
     return 0
+
+
+def _differences(comparison: filecmp.dircmp, prefix: str = "") -> list[str]:
+    """Paths that differ, or stand on one side only, below the two compared directories."""
+    found = [prefix + name for name in comparison.left_only + comparison.right_only + comparison.diff_files]
+    for name, below in comparison.subdirs.items():
+        found += _differences(below, f"{prefix}{name}/")
+    return found
 
 
 if __name__ == "__main__":
