@@ -121,6 +121,20 @@ def test_kernels_compile_for_cpus_without_avx512(source, march, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+
+@needs_ops
+@pytest.mark.skipif(" avx512f" not in cpu_ops._cpu_flags() or "ERNIE_PADDLE_CPU_ARCH" in os.environ,
+                    reason="the native build is the AVX2 one (no AVX-512 here), which this whole suite runs")
+def test_the_avx2_kernels_pass_the_kernel_tests_on_an_avx512_machine():
+    """On an AVX-512 machine every other test runs its AVX-512 kernels; these run the kernel tests (the
+    decoder's bits against its operators', attention, matmuls, quantization) on the AVX2 build too."""
+    selection = "not compile_for_cpus and not forced and not avx2_kernels"  # the kernels' numerics, once
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          str(Path(__file__).with_name("test_quant.py")), "-k", selection],
+                         env={**os.environ, "ERNIE_PADDLE_CPU_ARCH": "x86-64-v3"}, cwd=Path(__file__).parent.parent,
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0 and " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:]
+
 # one decoding row and a batch of 8 of the real model; a tail of 1 to 15 after whole vectors; no rows;
 # vectors only; enough outputs for two threads, with and without whole vectors
 @needs_ops
