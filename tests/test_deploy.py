@@ -7,6 +7,7 @@ import http.server
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -472,9 +473,12 @@ def test_every_option_lands_under_a_real_argument_name(capsys, models, tmp_path,
 
 
 def test_configs_equal_what_deploy_writes(tmp_path):
-    render_configs.render(tmp_path)
-    fresh = {p.relative_to(tmp_path): p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
-    committed = {p.relative_to(ROOT / "configs"): p.read_text() for p in (ROOT / "configs").rglob("*") if p.is_file()}
-    assert sorted(fresh) == sorted(committed), "configs/ is stale: run python tools/render_configs.py"
-    stale = [str(name) for name in fresh if fresh[name] != committed[name]]
+    stale = render_configs.stale()
     assert not stale, f"configs/ is stale ({stale[:3]}...): run python tools/render_configs.py"
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")  # and the check sees a change, a loss, an addition
+    changed, lost = sorted((tmp_path / "configs").rglob("launch.sh"))[:2]
+    changed.write_text(changed.read_text() + "\n")
+    lost.unlink()
+    (tmp_path / "configs" / "extra.md").write_text("")
+    names = {str(p.relative_to(tmp_path / "configs")) for p in (changed, lost)} | {"extra.md"}
+    assert set(render_configs.stale(tmp_path / "configs")) == names

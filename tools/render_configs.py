@@ -114,20 +114,32 @@ def render(out: Path):
                     raise SystemExit(f"render_configs: `ernie-paddle {' '.join(argv)}` failed")
 
 
+def stale(configs: Path = CONFIGS) -> list[str]:
+    """The paths below `configs` that differ from what deploy writes now, or stand on one side only."""
+    with tempfile.TemporaryDirectory() as fresh:
+        render(Path(fresh))
+        return _differences(filecmp.dircmp(fresh, configs))
+
+
+def _differences(comparison: filecmp.dircmp, prefix: str = "") -> list[str]:
+    found = [prefix + name for name in comparison.left_only + comparison.right_only + comparison.diff_files]
+    for name, below in comparison.subdirs.items():
+        found += _differences(below, f"{prefix}{name}/")
+    return found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare with configs/ instead of rewriting it; "
                                                                 "exit 1 when it is stale")
-    args = parser.parse_args(argv)
+    if parser.parse_args(argv).check:
+        differ = stale()
+        print(f"configs/ is stale: {', '.join(differ[:5])}; run python tools/render_configs.py" if differ else
+              "configs/ is up to date")
+        return 1 if differ else 0
     staging = Path(tempfile.mkdtemp(prefix=".configs.", dir=ROOT))
     try:
         render(staging)
-        if args.check:
-            stale = filecmp.dircmp(staging, CONFIGS)
-            differ = _differences(stale)
-            print(f"configs/ is stale: {', '.join(differ[:5])}; run python tools/render_configs.py" if differ else
-                  "configs/ is up to date")
-            return 1 if differ else 0
         staging.chmod(0o755)
         shutil.rmtree(CONFIGS, ignore_errors=True)
         staging.rename(CONFIGS)
@@ -135,14 +147,6 @@ def main(argv=None) -> int:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {CONFIGS}")
     return 0
-
-
-def _differences(comparison: filecmp.dircmp, prefix: str = "") -> list[str]:
-    """Paths that differ, or stand on one side only, below the two compared directories."""
-    found = [prefix + name for name in comparison.left_only + comparison.right_only + comparison.diff_files]
-    for name, below in comparison.subdirs.items():
-        found += _differences(below, f"{prefix}{name}/")
-    return found
 
 
 if __name__ == "__main__":
