@@ -93,7 +93,7 @@ def test_copy_transposed_writes_a_block_of_columns(kernels, dtype, monkeypatch):
 
 def test_loading_does_not_build_the_operators():
     """Loading transposes -Paddle weights in C++ only where the operators are loaded already: a GPU or
-    NPU model, or bfloat16 compute on CPU, must not start a 20 s build of kernels it will not use."""
+    NPU model, or bfloat16 compute on CPU, must not start a minute-long build of kernels it will not use."""
     code = ("import numpy as np\nfrom ernie_paddle import cpu_ops\n"
             "src, dst = np.ones((3, 4), np.float32), np.zeros((4, 3), np.float32)\n"
             "print(cpu_ops.copy_transposed(src, dst), dst.all(), cpu_ops.available.cache_info().currsize)\n"
