@@ -135,12 +135,48 @@ inline void block_of(const QuantMatrix& w, int64_t n, int64_t b, uint8_t* out) {
   for (int c = 0; c < w.block_bytes() / 4; ++c) std::memcpy(out + 4 * c, w.chunk(n, b, c), 4);
 }
 
+#if defined(__AVX2__)
+// A whole block of prepare_rows in vector registers, the same bits: rint and cvtps round to nearest
+// even alike. At 8 rows of a 0.3B wint4 step, scalar rounding took 1.3 ms of the ~25 ms, serially.
+inline void prepare_block(const float* v, int8_t* q, float* d, int32_t* sums8) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 part[4], amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    part[i] = _mm256_loadu_ps(v + 8 * i);
+    amax = _mm256_max_ps(_mm256_andnot_ps(sign, part[i]), amax);  // a NaN gives amax, as std::max does
+  }
+  __m128 top = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  top = _mm_max_ps(top, _mm_movehl_ps(top, top));
+  const float largest = _mm_cvtss_f32(_mm_max_ss(top, _mm_movehdup_ps(top)));
+  *d = largest / 127.f;
+  const __m256 inverse = _mm256_set1_ps(*d == 0.f ? 0.f : 1.f / *d);
+  __m256i whole[4];
+  for (int i = 0; i < 4; ++i) whole[i] = _mm256_cvtps_epi32(_mm256_mul_ps(part[i], inverse));
+  // packs interleave 128-bit lanes: the permute puts the 32 bytes back in order
+  const __m256i bytes = _mm256_permutevar8x32_epi32(
+      _mm256_packs_epi16(_mm256_packs_epi32(whole[0], whole[1]), _mm256_packs_epi32(whole[2], whole[3])),
+      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), bytes);
+  __m256i total = _mm256_add_epi32(_mm256_add_epi32(whole[0], whole[1]), _mm256_add_epi32(whole[2], whole[3]));
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  *sums8 = 8 * _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+#endif
+
 // out = the rows of x [M, K] rounded to int8 per block of 32: d = max|x| / 127, q = rint(x / d).
 inline void prepare_rows(const float* x, int64_t K, QuantRows* out) {
   for (int64_t m = 0; m < out->M; ++m) {
     for (int64_t k0 = 0; k0 < out->Kp; k0 += kQuantBlock) {
       const int64_t count = std::min<int64_t>(kQuantBlock, std::max<int64_t>(0, K - k0));
       const float* v = x + m * K + k0;
+      const int64_t at = m * (out->Kp / kQuantBlock) + k0 / kQuantBlock;
+#if defined(__AVX2__)
+      if (count == kQuantBlock) {
+        prepare_block(v, out->q + m * out->Kp + k0, out->d + at, out->sums8 + at);
+        continue;
+      }
+#endif
       float amax = 0.f;
       for (int64_t i = 0; i < count; ++i) amax = std::max(amax, std::fabs(v[i]));
       const float d = amax / 127.f, inverse = d == 0.f ? 0.f : 1.f / d;
