@@ -10,9 +10,9 @@ copied in to end at the clock. A row then gets the same bits as alone: the maske
 zeros, and the CPU attention kernel's sum over the lanes is the same at any offset.
 
 A request that arrives during a decode step while a slot is free is prefilled at the step's next layer
-boundary (the model calls `between_layers` before each layer), and joins the batch once the step is
-done: its first token waits for one layer of the step instead of the rest of it (docs/serving.md has the
-measurements). With every slot taken, the step runs whole.
+boundary (the model calls `between_layers` there: on CPU before each quarter of the layers), and joins
+the batch once the step is done: its first token waits for at most a quarter of the step instead of the
+rest of it (docs/serving.md has the measurements). With every slot taken, the step runs whole.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ nn, F = paddle.nn, paddle.nn.functional
 EagerParamBase = paddle.base.framework.EagerParamBase
 
 MASKED = -1e30  # additive mask value: exp() underflows to exactly 0, and stays finite (no NaN rows)
+# CPU decoder operator calls a step makes when the server may prefill between layers (decode_on_cpu)
+BETWEEN_LAYER_CALLS = 4
 
 
 def _weight(shape, dtype):
@@ -410,7 +412,8 @@ class ErnieForCausalLM(nn.Layer):
         keys attended: the T new tokens when `start` is 0 or there is no cache, else the whole cache
         (the positions not written yet masked).
         Returns float32 logits [B, T, V], or [B, V] for the last position when `last_only`.
-        `between_layers`, if given, is called before each layer (the server prefills arrivals there)."""
+        `between_layers`, if given, is called before each layer (the server prefills arrivals there;
+        the CPU decoder calls it before each quarter of the layers)."""
         if decoder_on_cpu(input_ids, cache, self.dtype_name):
             return self.decode_on_cpu(input_ids, positions, mask, cache, start, last_only, between_layers)
         table = self.ernie.embed_tokens
@@ -444,8 +447,8 @@ class ErnieForCausalLM(nn.Layer):
                       between_layers):
         """The model as one CPU operator when it takes a few rows (decoding, short prompts): the kernels
         its sublayers call, in their order, without their operator dispatches and Python calls (30-60 us
-        a layer: a tenth of a wint4 0.3B decoding step). With `between_layers`, one call a layer, each
-        after calling it."""
+        a layer: a tenth of a wint4 0.3B decoding step). With `between_layers`, one call for each
+        quarter of the layers, each after calling it: an arrival waits at most a quarter of the step."""
         attn, moe, rope = self.ernie.layers[0].self_attn, self.config.moe, self.rope
         settings = dict(heads=attn.heads, scale=attn.scale, eps=self.ernie.norm.eps, rope_ratio=rope.compression_ratio,
                         top_k=moe.top_k if moe else 0, norm_min=moe.norm_min if moe else 0.0,
@@ -455,11 +458,12 @@ class ErnieForCausalLM(nn.Layer):
         if between_layers is None:
             return cpu_ops.decoder(input_ids, positions, rope.freqs, mask, cache.keys, cache.values, start, layers,
                                    **settings, **ends)
-        x = input_ids
-        for i in range(n):
+        x, per_call = input_ids, -(-n // BETWEEN_LAYER_CALLS)
+        for i in range(0, n, per_call):
             between_layers()
-            x = cpu_ops.decoder(x, positions, rope.freqs, mask, cache.keys[i:i + 1], cache.values[i:i + 1], start,
-                                [weights[i:i + 1] for weights in layers], **settings, **(ends if i + 1 == n else {}))
+            j = min(n, i + per_call)
+            x = cpu_ops.decoder(x, positions, rope.freqs, mask, cache.keys[i:j], cache.values[i:j], start,
+                                [weights[i:j] for weights in layers], **settings, **(ends if j == n else {}))
         return x
 
 

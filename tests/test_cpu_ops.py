@@ -405,11 +405,13 @@ def test_attention_gives_the_same_bits_wherever_a_rows_keys_sit(head_dim):
     (False, "bfloat16", "wint4", {}), (True, "float32", None, {}), (True, "float32", "wint4", {}),
     # rows of 40 values (a packed row padded to 64), an lm_head of its own, head_dim 12, RoPE compressed
     (False, "float32", "wint4", dict(hidden_size=40, tie_word_embeddings=False, head_dim=12, compression_ratio=2.0)),
-    (False, "bfloat16", "wint4", dict(hidden_size=256))])  # a wint6 embedding / lm_head
+    (False, "bfloat16", "wint4", dict(hidden_size=256)),  # a wint6 embedding / lm_head
+    (False, "float32", None, dict(num_hidden_layers=6))])  # `between_layers` before layers 0, 2 and 4
 def test_the_decoder_in_one_operator_gives_the_bits_of_its_operators_one_by_one(tmp_path, monkeypatch, moe, dtype,
                                                                               quantization, shape):
     """Decoding runs the layers, the final norm and the lm_head as one operator (cpu_ops.decoder), or
-    one call a layer when the server's engine passes `between_layers`; the same kernels called one by
+    one call for each quarter of the layers when the server's engine passes `between_layers`; the same
+    kernels called one by
     one give the same logits and cache, bit for bit: for each weight format, dense and MoE layers
     (tests/test_moe.py has more MoE ones), prompts short enough to go through it (24 rows) and one too
     long (prefilled by the sublayers, then decoded by it)."""
@@ -420,7 +422,7 @@ def test_the_decoder_in_one_operator_gives_the_bits_of_its_operators_one_by_one(
     if moe:
         save_tiny_moe_pt(tmp_path, moe_layer_start_index=0, moe_layer_interval=2, num_hidden_layers=3)
     else:
-        save_tiny_pt(tmp_path, dtype=dtype, num_hidden_layers=3, **shape)
+        save_tiny_pt(tmp_path, dtype=dtype, **{"num_hidden_layers": 3, **shape})
     if ratio is not None:  # a -Paddle config key, which transformers' config does not have
         config = json.loads((tmp_path / "config.json").read_text())
         (tmp_path / "config.json").write_text(json.dumps({**config, "compression_ratio": ratio}))
@@ -433,14 +435,15 @@ def test_the_decoder_in_one_operator_gives_the_bits_of_its_operators_one_by_one(
 
 def assert_the_decoder_operator_gives_the_bits_of_its_operators(model, monkeypatch, prompt_sets, steps: int = 5):
     """For each batch of prompts, the logits and KV cache of decoding `steps` tokens with the decoder as
-    one operator, and as one operator call a layer (`between_layers`, called before each), equal bit for
-    bit those with the layers' separate operators; the operator runs at every step, and for the prompt
-    too when it has at most cpu_ops.MAX_ROWS rows."""
+    one operator, and as one operator call for each quarter of the layers (`between_layers`, called
+    before each), equal bit for bit those with the layers' separate operators; the operator runs at
+    every step, and for the prompt too when it has at most cpu_ops.MAX_ROWS rows."""
     from ernie_paddle import model as model_module
     calls, between = [], []
     real = cpu_ops.decoder
     monkeypatch.setattr(cpu_ops, "decoder", lambda *a, **k: calls.append(1) or real(*a, **k))
     layers = model.config.num_hidden_layers
+    quarters = len(range(0, layers, -(-layers // 4)))  # the operator calls of a step with `between_layers`
     for prompts in prompt_sets:
         calls.clear()
         fused, fused_keys = decode_logits(model, prompts, steps)
@@ -449,12 +452,13 @@ def assert_the_decoder_operator_gives_the_bits_of_its_operators(model, monkeypat
         assert len(calls) == forwards
         calls.clear()
         by_layer, by_layer_keys = decode_logits(model, prompts, steps, between_layers=lambda: between.append(1))
-        assert len(calls) == forwards * layers and len(between) == (steps + 1) * layers
+        # a prompt too long for the operator runs layer by layer, calling `between_layers` before each
+        assert len(calls) == forwards * quarters and len(between) == steps * quarters + (quarters if short else layers)
         between.clear()
         with monkeypatch.context() as m:
             m.setattr(model_module, "decoder_on_cpu", lambda *a: False)
             separate, separate_keys = decode_logits(model, prompts, steps)
-        assert len(calls) == forwards * layers
+        assert len(calls) == forwards * quarters
         np.testing.assert_array_equal(fused, separate)
         np.testing.assert_array_equal(by_layer, separate)
         for a, b, c in zip(fused_keys, by_layer_keys, separate_keys):
@@ -465,7 +469,7 @@ def assert_the_decoder_operator_gives_the_bits_of_its_operators(model, monkeypat
             with monkeypatch.context() as m:
                 m.setattr(model_module, "decoder_on_cpu", lambda *a: False)
                 separate = prompt_logits(model, prompts)
-            assert len(calls) == (forwards + 1) * layers + 1
+            assert len(calls) == (forwards + 1) * quarters + 1
             for got in logits:
                 np.testing.assert_array_equal(got, separate)
 

@@ -165,8 +165,8 @@ def test_a_request_arriving_mid_step_gets_its_first_token_in_that_step_and_the_t
 
 
 def test_a_step_runs_a_layer_at_a_time_only_while_a_slot_is_free(predictor, engine_factory, monkeypatch):
-    """A decode step passes between_layers (the CPU decoder then runs one operator call a layer, so that
-    an arrival can be prefilled between two) only while a slot is free; with every slot taken nothing
+    """A decode step passes between_layers (the CPU decoder then runs one operator call for each quarter
+    of the layers, so that an arrival can be prefilled between two) only while a slot is free; with every slot taken nothing
     can join, and the step runs as one call."""
     model = predictor.model
     forward, steps = model.forward, []
