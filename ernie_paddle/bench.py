@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import numpy.random  # loaded lazily otherwise, on the first prompt: a Ctrl-C landing in that import was lost
 
 from . import device as devices, quant
 from .errors import ErnieError

@@ -399,6 +399,17 @@ def test_attention_gives_the_same_bits_wherever_a_rows_keys_sit(head_dim):
         np.testing.assert_array_equal(attend(offset), alone, err_msg=f"keys at offset {offset}")
 
 
+@pytest.mark.skipif(os.environ.get("ERNIE_PADDLE_CPU_OPS") == "0" or not (
+    sys.platform == "linux" and platform.machine() == "x86_64" and shutil.which("g++")),
+    reason="the kernels are built for x86-64 Linux with g++ (and ERNIE_PADDLE_CPU_OPS=0 turns them off)")
+def test_the_kernels_build_where_they_are_meant_to():
+    """A failed build falls back to Paddle's ops and turns the kernel tests into skips; where it should
+    work, it must fail the suite instead (it is remembered in a .failed file and not retried)."""
+    failed = cpu_ops.cache_dir() / cpu_ops._build_key() / f"{cpu_ops.LIBRARY}.failed"
+    reason = failed.read_text().strip() if failed.exists() else "see the build's message above"
+    assert cpu_ops.available(), f"the CPU kernels did not build: {reason} ({failed})"
+
+
 @needs_ops
 @pytest.mark.parametrize("moe,dtype,quantization,shape", [
     (False, "float32", None, {}), (False, "bfloat16", None, {}), (False, "float32", "wint8", {}),
@@ -523,15 +534,18 @@ THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 @pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
 def test_cpu_weights_get_huge_pages():
-    """A weight the model allocates on CPU asks for 2 MB pages before it is written (model._weight): its
-    memory is then backed by them."""
+    """A weight the model allocates on CPU asks for 2 MB pages before it is written (model._weight): the
+    whole 2 MB pages inside it are advised (VmFlags "hg"), and its memory is then mostly backed by them.
+    How much, the kernel decides: with memory fragmented it falls back to 4 KB pages, so that half is
+    a loose bound."""
     import ctypes
     from ernie_paddle import model as model_module
 
     weight = model_module._weight([4096, 4096], "float32")  # 64 MB: its own mmap, untouched
-    size = 4096 * 4096 * 4
+    size, page = 4096 * 4096 * 4, 1 << 21
+    advised_from, advised_to = -(-weight.data_ptr() // page) * page, (weight.data_ptr() + size) // page * page
     ctypes.memset(weight.data_ptr(), 1, size)
-    huge, inside = 0, False  # over the mappings it spans (madvise splits them at 2 MB boundaries)
+    huge, advised, inside = 0, 0, False  # over the mappings it spans (madvise splits them at 2 MB boundaries)
     for line in Path("/proc/self/smaps").read_text().splitlines():
         field = line.split()[0]
         if not field.endswith(":"):
@@ -539,4 +553,7 @@ def test_cpu_weights_get_huge_pages():
             inside = low < weight.data_ptr() + size and weight.data_ptr() < high
         elif inside and field == "AnonHugePages:":
             huge += int(line.split()[1]) * 1024
+        elif inside and field == "VmFlags:" and "hg" in line.split()[1:]:
+            advised += min(high, advised_to) - max(low, advised_from)
+    assert advised == advised_to - advised_from
     assert huge >= 32 << 20

@@ -266,7 +266,14 @@ def test_a_cancelled_request_leaves_at_the_next_step(predictor, engine_factory):
     assert not cancelled.finished.is_set()
 
 
-def test_timeout_queue_bound_and_shutdown(predictor, engine_factory):
+def test_timeout_queue_bound_and_shutdown(predictor, engine_factory, monkeypatch):
+    forward = predictor.model.forward
+
+    def slow_forward(*args, **kwargs):  # 500 steps then outlast the 0.2 s timeout and the 0.1 s grace on any machine
+        time.sleep(0.005)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(predictor.model, "forward", slow_forward)
     engine = engine_factory(max_num_seqs=1, max_model_len=512, max_queue=1)
     timed_out = Collector()
     engine.submit(Request([5, 6], SamplingParams(max_tokens=500, logit_bias={2: -100}), timed_out, timeout=0.2))

@@ -430,10 +430,10 @@ def one_slot():
 KEY = {"Authorization": "Bearer k3y"}
 
 
-def long_stream(port) -> socket.socket:
+def long_stream(port, max_tokens: int = 500) -> socket.socket:
     """A connection streaming a long generation, its first event read."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
-    body = json.dumps({"prompt": PROMPT, "max_tokens": 500, "logit_bias": NO_EOS, "stream": True}).encode()
+    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "logit_bias": NO_EOS, "stream": True}).encode()
     sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k3y\r\nContent-Length: "
                  f"{len(body)}\r\n\r\n".encode() + body)
     got = b""
@@ -468,7 +468,8 @@ def test_max_tokens_cap(one_slot):
 
 
 def test_a_client_that_disconnects_frees_its_slot(one_slot):
-    running = f"ernie_running_requests"
+    running, cancelled = "ernie_running_requests", 'ernie_requests_total{outcome="cancelled"}'
+    cancelled_before = metric_with_key(one_slot.port, cancelled)  # the server is shared with other tests
     for streaming in (True, False):
         if streaming:
             sock = long_stream(one_slot.port)
@@ -482,7 +483,7 @@ def test_a_client_that_disconnects_frees_its_slot(one_slot):
     start = time.monotonic()
     one_slot.client(api_key="k3y").completions.create(model=DEMO.name, prompt=PROMPT, max_tokens=1)
     assert time.monotonic() - start < 2
-    assert metric_with_key(one_slot.port, 'ernie_requests_total{outcome="cancelled"}') == 2
+    assert metric_with_key(one_slot.port, cancelled) == cancelled_before + 2
 
 
 def metric_with_key(port, name):
@@ -490,20 +491,35 @@ def metric_with_key(port, name):
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
-def test_a_full_queue_answers_503_with_retry_after(one_slot):
-    holder, waiter = long_stream(one_slot.port), None
+@pytest.fixture(scope="module")
+def long_demo(tmp_path_factory):
+    """The demo model allowed 16384 positions: a generation that holds its slot for seconds on any machine
+    (500 tokens, the most the demo's 512 positions allow, took about a second here)."""
+    directory = tmp_path_factory.mktemp("long") / DEMO.name
+    shutil.copytree(DEMO, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16384}))
+    return directory
+
+
+def test_a_full_queue_answers_503_with_retry_after(long_demo):
+    server = ServerProcess(long_demo, "--max-num-seqs", 1, "--max-queue", 1, "--max-model-len", 16384,
+                           "--api-key", "k3y")
+    holder = waiter = None
     try:
-        waiter = socket.create_connection(("127.0.0.1", one_slot.port))
+        holder = long_stream(server.port, max_tokens=16000)
+        waiter = socket.create_connection(("127.0.0.1", server.port))
         waiter.sendall(post({"prompt": PROMPT, "max_tokens": 2}).replace(b"Host: x\r\n",
                                                                          b"Host: x\r\nAuthorization: Bearer k3y\r\n"))
-        until(lambda: metric_with_key(one_slot.port, "ernie_queue_length") == 1, 10)
-        status, headers, body = call(one_slot.port, "POST", "/v1/completions", {"prompt": PROMPT}, KEY)
+        until(lambda: metric_with_key(server.port, "ernie_queue_length") == 1, 10)
+        status, headers, body = call(server.port, "POST", "/v1/completions", {"prompt": PROMPT}, KEY)
         assert status == 503 and headers["retry-after"] == "1" and "busy" in json.loads(body)["error"]["message"]
+        assert metric_with_key(server.port, "ernie_running_requests") == 1  # the holder was still running
     finally:
-        holder.close()
-        if waiter:
-            waiter.close()
-    until(lambda: metric_with_key(one_slot.port, "ernie_running_requests") == 0, 5)
+        for sock in (holder, waiter):
+            if sock:
+                sock.close()
+        assert server.stop() == 0, server.log
 
 
 def test_a_body_shorter_than_announced_gets_408(one_slot):
