@@ -289,6 +289,16 @@ def config_difference(model_dir: Path, reference_dir: Path) -> str | None:
     return f"the two config.json differ ({'; '.join(differ)}): these are different models" if differ else None
 
 
+def check_same_vocabulary(model_dir: Path, reference_dir: Path):
+    """Next-token probabilities over two different vocabularies have nothing to compare: refused before
+    loading (other differences run, and the note names them)."""
+    ours, theirs = ErnieConfig.from_dir(model_dir).vocab_size, ErnieConfig.from_dir(reference_dir).vocab_size
+    if ours != theirs:
+        raise ErnieError(f"--reference-model {reference_dir}: its vocab_size {theirs} is not that of --model "
+                         f"{model_dir} ({ours}): their next-token probabilities cannot be compared; pass the model "
+                         "that --model was converted from")
+
+
 def check_room_for_conversion(reference_dir: Path):
     """transformers reads -PT weights only, so a -Paddle reference is converted into a temporary folder
     first: say before any loading when it would not fit there."""
@@ -457,6 +467,8 @@ def run_check(args) -> int:
         raise ErnieError(f"--greedy-tokens {args.greedy_tokens}: must be 0 (no generation) or more")
     prompts = load_prompts(args.prompts)
     prompt_ids = encode_prompts(model_dir, prompts, args.prompts, args.greedy_tokens)
+    if args.reference_model:
+        check_same_vocabulary(model_dir, reference_dir)
     if reference_kind == "transformers":
         check_room_for_conversion(reference_dir)
 

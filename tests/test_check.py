@@ -214,6 +214,19 @@ def test_a_reference_of_another_architecture_is_named_in_a_note(models, tmp_path
     assert "note: the two config.json differ (num_hidden_layers 2 against 3): these are different models" in out
 
 
+@pytest.mark.parametrize("reference", ["cpu", "transformers"])
+def test_a_reference_with_another_vocabulary_is_refused_before_loading(models, tmp_path, capsys, monkeypatch,
+                                                                        reference):
+    from ernie_paddle.predictor import ErniePredictor
+    pt, _ = models
+    save_tiny_pt(tmp_path / "other", vocab_size=512, eos_token_id=511)
+    capsys.readouterr()  # transformers' progress bar
+    monkeypatch.setattr(ErniePredictor, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    code, _, err = run(capsys, "--model", pt, "--reference", reference, "--reference-model", tmp_path / "other")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "its vocab_size 512 is not that of --model" in err and "cannot be compared" in err
+
+
 def test_a_paddle_reference_that_would_not_fit_the_temporary_folder_is_refused_before_loading(
         models, capsys, monkeypatch):
     import shutil
