@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import secrets
@@ -629,11 +630,22 @@ def _json_400_protocol():
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port (port 0: a free one)."""
+    """A listening socket on host:port (port 0: a free one), taken before the model loads: a port in
+    use is then known at once, not after minutes of loading a large model."""
+    if not 0 <= port <= 65535:
+        raise ErnieError(f"--port {port}: must be from 0 to 65535 (0: any free port)")
+    not_here = f"--host {host}: not an address of this machine"
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise ErnieError(f"{not_here} ({e.strerror}); use 127.0.0.1, 0.0.0.0 (every interface) or one of its "
+                         "addresses") from None
+    try:
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise ErnieError(f"{not_here} ({e.strerror}); use 127.0.0.1, 0.0.0.0 (every interface) or one of its "
+                             "addresses") from None
         raise ErnieError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); "
                          "pick another port, or 0 for any free one") from None
 
@@ -648,6 +660,7 @@ def run_serve(args) -> int:
     for option in ("max_tokens", "request_timeout"):
         if getattr(args, option) is not None and getattr(args, option) <= 0:
             raise ErnieError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be positive")
+    sock = listen(args.host, args.port)
     predictor = ErniePredictor.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                                weight_dtype=args.weight_dtype, quantization=args.quantization)
     if predictor.tokenizer is None:
@@ -656,7 +669,6 @@ def run_serve(args) -> int:
     max_model_len = min(positions, 2048) if args.max_model_len is None else args.max_model_len
     if not 2 <= max_model_len <= positions:
         raise ErnieError(f"--max-model-len {max_model_len}: must be from 2 to the model's {positions} positions")
-    sock = listen(args.host, args.port)
     engine = Engine(predictor.model, predictor.tokenizer, args.max_num_seqs, max_model_len, args.max_queue,
                     predictor.device)
     name = args.served_model_name or Path(predictor.directory).name

@@ -551,8 +551,22 @@ def test_a_stop_signal_during_generation_ends_the_stream_and_exits_0(stop):
     ("--max-num-seqs", 0, "--max-num-seqs 0: must be at least 1"),
     ("--max-model-len", 0, "--max-model-len 0: must be from 2 to the model's"),  # 0 was taken as the default
     ("--max-tokens", 0, "--max-tokens 0: must be positive"),
+    ("--port", 70000, "--port 70000: must be from 0 to 65535"),
+    ("--host", "999.1.1.1", "--host 999.1.1.1: not an address of this machine"),
 ])
 def test_bad_server_options_fail_in_one_line(option, value, message):
     run = subprocess.run([sys.executable, "-m", "ernie_paddle", "serve", "--model", str(DEMO), "--port", "0",
                           "--device", "cpu", option, str(value)], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        broken = tmp_path / "model"  # loading it would fail with a message of its own
+        shutil.copytree(DEMO, broken)
+        (broken / "model.safetensors").write_bytes(b"not a checkpoint")
+        run = subprocess.run([sys.executable, "-m", "ernie_paddle", "serve", "--model", str(broken), "--port",
+                              str(port), "--device", "cpu"], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in run.stderr
