@@ -29,11 +29,11 @@ import numpy as np
 from .device import import_paddle
 from .generate import Row
 from .model import MASKED, KVCache, causal_mask
+from .sampling import GREEDY_BELOW  # the API's rule: float32 logits over a smaller temperature still fit float64
 
 paddle = import_paddle()
 log = logging.getLogger(__name__)
 
-GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing by it overflows the logits
 NUCLEUS_CANDIDATES = 1024  # top-p sorts only this many most likely ids when they hold the mass
 
 

@@ -29,8 +29,8 @@ def check_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                    seed: int | None = None) -> dict:
     """The sampling parameters, checked and normalised for `make_sampler` and `paddle.seed`, as keyword
     arguments; the first bad one is an ErnieError naming it. A temperature too small for float32 is 0
-    (greedy); a seed must be in 0..2**64-1 (not reduced into it). The API, the CLI and the server all call
-    this, so they accept and refuse the same values."""
+    (greedy); a seed must be in 0..2**64-1 (not reduced into it). The API and the CLI call this; the
+    server's request fields (serve.Sampling) and its engine take the same limits and greedy rule."""
     def number(name, value, test, what):
         try:
             number = float(value) if isinstance(value, Real) and not isinstance(value, bool) else math.nan

@@ -37,6 +37,8 @@ except ImportError as e:
     raise ErnieError(f"`ernie-paddle serve` needs the serve extra ({e.name} is missing): "
                      "pip install 'ernie-paddle[serve]'") from None
 
+from .sampling import MAX_SEED  # noqa: E402 (after the extra's check)
+
 MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT_S = 30  # a client that sends less body than it announced is answered 408 after this
 # (or after --request-timeout when shorter)
@@ -73,17 +75,17 @@ class Sampling(Strict):
     """The fields completions and chat share. Unknown fields are refused, each by name."""
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=100)
+    temperature: float = Field(1.0, ge=0)  # the limits of sampling.check_sampling (JSON has no infinity)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1)  # 0 or -1: off
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Any = Field(None, validate_default=True)
-    seed: int | None = Field(None, ge=0, le=2 ** 63 - 1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0, le=100)
+    repetition_penalty: float = Field(1.0, gt=0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 

@@ -253,6 +253,11 @@ def test_stop_strings_and_seeds(client):
                                          extra_body={"top_k": 50, "repetition_penalty": 1.1}).choices[0].text
 
     assert sampled(7) == sampled(7) != sampled(8)
+    assert sampled(2**64 - 1) == sampled(2**64 - 1)  # the API's seeds: 0..2**64-1
+    # the API's greedy rule: a temperature below float32's smallest normal number is 0
+    tiny = client.completions.create(model=DEMO.name, prompt=PROMPT, max_tokens=30, temperature=1e-39,
+                                     logit_bias=NO_EOS).choices[0].text
+    assert tiny == full
 
 
 # ---- bad requests ---------------------------------------------------------------------------
@@ -273,7 +278,7 @@ BAD_BODIES = [
     ({"prompt": PROMPT, "temperature": 1e400}, 400, None, "not valid JSON"),
     ({"prompt": PROMPT, "top_p": 0}, 400, "top_p", "greater than 0"),
     ({"prompt": PROMPT, "seed": -1}, 400, "seed", "greater than or equal to 0"),
-    ({"prompt": PROMPT, "seed": 2 ** 70}, 400, "seed", "less than or equal to"),
+    ({"prompt": PROMPT, "seed": 2 ** 64}, 400, "seed", "less than or equal to 18446744073709551615"),
     ({"prompt": PROMPT, "stop": [1]}, 400, "stop", "a list of at most 16 strings"),
     ({"prompt": PROMPT, "n": 2}, 400, "n", "Input should be 1"),
     ({"prompt": PROMPT, "best_of": 3}, 400, "best_of", "Input should be 1"),
