@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import metadata
 
-from .device import prepare_environment
 from .errors import ErnieError
 
 
@@ -148,6 +146,8 @@ EXAMPLES = {
 
 
 def version() -> str:
+    from importlib import metadata  # here, not at the top: the entry point's imports are not Ctrl-C safe
+
     try:
         return metadata.version("ernie-paddle")
     except metadata.PackageNotFoundError:  # run from a source tree that is not installed
@@ -209,18 +209,20 @@ def _run(args) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "convert":
-        from converters.cli import main as convert_main
-        return convert_main(argv[1:], prog="ernie-paddle convert")
-    args = _parser().parse_args(argv)
-    prepare_environment(getattr(args, "device", None) or "auto")
-    try:
+    command = argv[0] if argv and not argv[0].startswith("-") else "(no command)"
+    try:  # the imports too: numpy's alone take a tenth of a second, long enough for an early Ctrl-C
+        if command == "convert":
+            from converters.cli import main as convert_main
+            return convert_main(argv[1:], prog="ernie-paddle convert")
+        args = _parser().parse_args(argv)
+        from .device import prepare_environment
+        prepare_environment(getattr(args, "device", None) or "auto")
         return _run(args) or 0
     except ErnieError as e:
-        print(f"ernie-paddle {args.command}: error: {e}", file=sys.stderr)
+        print(f"ernie-paddle {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # nothing half-written: --json files and deploy's --out are written at the end
-        print(f"ernie-paddle {args.command}: interrupted", file=sys.stderr)
+        print(f"ernie-paddle {command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -422,3 +422,31 @@ def test_ctrl_c_during_a_benchmark_says_so_and_writes_nothing(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "ernie-paddle bench: interrupted", err
     assert not report.exists()
+
+
+# A Ctrl-C while the command's modules import (numpy's alone take a tenth of a second): here it lands
+# exactly there, raised by the import of numpy.
+INTERRUPTED_IMPORT = """
+import builtins, sys
+real_import = builtins.__import__
+
+def interrupting(name, *args, **kwargs):
+    if name == "numpy" or name.startswith("numpy."):
+        raise KeyboardInterrupt
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = interrupting
+from ernie_paddle.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", [["generate", "--model", str(DEMO), "--prompt", "x"],
+                                     ["convert", "pt2paddle", str(DEMO), "never-written"],
+                                     ["deploy", "fastdeploy", "--model", str(DEMO), "--out", "never-written"]])
+def test_ctrl_c_while_the_command_imports_says_so(tmp_path, command):
+    run = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT, *command], env=ENV, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 130 and run.stderr.strip().splitlines() == [f"ernie-paddle {command[0]}: interrupted"], \
+        run.stderr
+    assert not (tmp_path / "never-written").exists()
