@@ -18,7 +18,10 @@ def parse_size(text: str) -> int:
     match = SIZE.fullmatch(text.strip())
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
-    return int(float(match[1]) * UNITS[(match[2] or "B").lower()])
+    size = int(float(match[1]) * UNITS[(match[2] or "B").lower()])
+    if size <= 0:  # 0 wrote one shard per tensor
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size a shard can have; write e.g. 5GB, 500MB or 2GiB")
+    return size
 
 
 EXAMPLES = {  # the example that ends each help text

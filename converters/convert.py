@@ -101,8 +101,10 @@ def convert(src, dst, target: str, dtype: str = "auto", overwrite: bool = False,
     src, dst = resolve_model_dir(str(src)), Path(dst)
     if dtype != "auto" and dtype not in FLOAT_DTYPES:
         raise ErnieError(f"--dtype {dtype}: expected auto, {', '.join(FLOAT_DTYPES)}")
-    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+    if dst.resolve() == src.resolve():
         raise ErnieError(f"{dst}: DST would replace SRC {src}; choose another DST")
+    if dst.resolve() in src.resolve().parents:  # replacing DST would delete SRC with it
+        raise ErnieError(f"{dst}: DST holds SRC {src}; choose a DST outside it, e.g. {src}-converted")
     if src.resolve() in dst.resolve().parents:
         raise ErnieError(f"{dst}: DST is inside SRC {src}; choose a DST outside the source model directory")
     recover_overwritten(dst)

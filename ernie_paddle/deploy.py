@@ -63,7 +63,8 @@ DEVICE_HINT = {
     "dcu": "use `ernie-paddle deploy fastdeploy --device dcu`",
     "iluvatar": "use `ernie-paddle deploy fastdeploy --device iluvatar`",
 }
-CONVERT_TO = {"pt": "convert paddle2pt {model} {model}-PT", "paddle": "convert pt2paddle {model} {model}-Paddle"}
+CONVERT_TO = {"pt": "ernie-paddle convert paddle2pt {model} {model}-PT",
+              "paddle": "ernie-paddle convert pt2paddle {model} {model}-Paddle"}
 LAYOUT_NAMES = {"pt": "-PT", "paddle": "-Paddle"}
 
 # Weight quantizations per engine/device (FastDeploy names; vLLM runs these models unquantized).
@@ -177,6 +178,9 @@ def layouts(engine: str, device: str, release: FastDeployRelease | None) -> tupl
 
 def _read_model(model: str) -> tuple[ErnieConfig, dict, str]:
     directory = Path(model)
+    if directory.exists() and not directory.is_dir():
+        raise ErnieError(f"--model {model}: not a directory; pass the model's directory (the one holding "
+                         "config.json)")
     if not directory.is_dir():
         raise ErnieError(f"--model {model}: no such directory; deploy checks a local copy of the model "
                          "(for a hub id, download it first: `huggingface-cli download ID --local-dir DIR`, "

@@ -326,6 +326,22 @@ def test_hub_id_offline(capsys, tmp_path, monkeypatch):
     assert_failed_cleanly(code, err, dst, "no-such-org/ERNIE-4.5-test", "cannot be fetched", "local model directory")
 
 
+def test_a_dst_holding_src_is_named_so(models, capsys, tmp_path):
+    src = copy_model(models["bf16"], tmp_path / "model")
+    code, _, err = run(capsys, "pt2paddle", src, tmp_path)
+    assert_failed_cleanly(code, err, tmp_path / "none", "DST holds SRC", "choose a DST outside it")
+    assert src.exists()
+
+
+@pytest.mark.parametrize("size", ["0", "0KB", "0.0001B"])
+def test_a_shard_size_of_nothing_is_refused(models, capsys, tmp_path, size):
+    dst = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit:
+        run(capsys, "pt2paddle", models["bf16"], dst, "--max-shard-size", size)
+    assert exit.value.code == 2 and "is not a size a shard can have" in capsys.readouterr().err
+    assert not dst.exists()
+
+
 def test_src_already_in_the_target_layout(models, capsys, tmp_path):
     dst = tmp_path / "out"
     code, _, err = run(capsys, "pt2paddle", models["paddle"], dst)

@@ -84,9 +84,10 @@ def fastdeploy(version: str, *flags) -> tuple:
 # (engine, model, flags, the message must contain)
 REJECTED = [
     # layout vs engine, device and release, with the convert command that fixes it
-    ("vllm", "paddle", [], "vllm loads only -PT; convert it with `convert paddle2pt"),
-    ("vllm-ascend", "paddle", [], "convert paddle2pt"),
-    ("fastdeploy", "pt", ["--device", "dcu"], "FastDeploy 2.3 on dcu loads only -Paddle; or convert it with `convert pt2paddle"),
+    ("vllm", "paddle", [], "vllm loads only -PT; convert it with `ernie-paddle convert paddle2pt"),
+    ("vllm-ascend", "paddle", [], "`ernie-paddle convert paddle2pt"),
+    ("fastdeploy", "pt", ["--device", "dcu"],
+     "FastDeploy 2.3 on dcu loads only -Paddle; or convert it with `ernie-paddle convert pt2paddle"),
     ("fastdeploy", "pt", ["--fastdeploy-version", "3.0"], "--fastdeploy-version 3.0: not a FastDeploy 2.x release"),
     # torch_dtype vs dtype, as FastDeploy reads them
     ("fastdeploy", "pt-both", [], "has both `torch_dtype` and `dtype`, which FastDeploy refuses; keep only `torch_dtype`"),
@@ -123,6 +124,7 @@ REJECTED = [
     # weights
     ("fastdeploy", "missing-shard", [], "names shard model-00002-of-00002.safetensors, which is missing"),
     ("vllm", "not-there", [], "--model {models}/not-there: no such directory"),
+    ("vllm", "pt/config.json", [], "--model {models}/pt/config.json: not a directory; pass the model's directory"),
 ]
 
 
