@@ -31,12 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a prompt")
     p.add_argument("--model", required=True, help="model directory (either layout) or hub id")
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set of ids holding this mass")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely ids (0: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL's penalty on seen ids (1: none)")
+    p.add_argument("--seed", type=int, default=None, help="for reproducible sampling, 0..2**64-1")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     _device_args(p)
@@ -155,12 +155,23 @@ def version() -> str:
         return __version__
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The examples as written, and each option's default unless it has none or its help names it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and not any(action.default is none for none in (None, False, argparse.SUPPRESS)) \
+                and "default" not in text:
+            text += f" (default: {action.default})" if text else f"default: {action.default}"
+        return text
+
+
 def _add_help_texts(parser, sub) -> None:
-    """`--version`, and an example at the end of every help text."""
+    """`--version`, each option's default, and an example at the end of every help text."""
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     for name, p in {None: parser, **sub.choices}.items():
+        p.formatter_class = _HelpFormatter
         if name in EXAMPLES:
-            p.formatter_class = argparse.RawDescriptionHelpFormatter
             p.epilog = f"example{'s' if len(EXAMPLES[name]) > 1 else ''}:\n  " + "\n  ".join(EXAMPLES[name])
     parser.epilog = "documentation: README.md and docs/ in the source tree\n\n" + parser.epilog
 

@@ -204,6 +204,20 @@ def test_help_ends_with_an_example_that_parses(name, text):
     assert parse_error(shlex.split(example)) is None, example
 
 
+def test_help_shows_the_defaults_and_generate_s_are_the_api_s():
+    import inspect
+    from ernie_paddle.predictor import ErniePredictor
+
+    generate = dict(HELPS)["ernie-paddle generate"]
+    api = inspect.signature(ErniePredictor.generate).parameters
+    for option, parameter in [("--max-new-tokens", "max_new_tokens"), ("--temperature", "temperature"),
+                              ("--top-p", "top_p"), ("--top-k", "top_k"), ("--repetition-penalty", "repetition_penalty")]:
+        entry = generate.split(f"\n  {option} ", 1)[1].split("\n  -", 1)[0]  # the option's lines of help
+        shown = re.search(r"\(default: ([^)]+)\)", " ".join(entry.split()))
+        assert shown and float(shown[1]) == api[parameter].default, (option, generate)
+    assert "(default: 8)" in " ".join(dict(HELPS)["ernie-paddle serve"].split())  # --max-num-seqs
+
+
 def test_help_and_version_from_the_command_line():
     run = subprocess.run([sys.executable, "-m", "ernie_paddle", "--version"], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == f"ernie-paddle {version()}"
