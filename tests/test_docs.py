@@ -232,3 +232,11 @@ def test_readme_keeps_the_ci_command_and_stays_short():
     assert "    pip install -e '.[cpu,test]' && python -m pytest -q\n" in readme
     assert "pip install -q -e '.[cpu,test]' && python -m pytest -q" in (ROOT / ".ci" / "run").read_text()
     assert len(readme.splitlines()) <= 160
+
+
+@pytest.mark.parametrize("tool", sorted((ROOT / "tools").glob("*.py")), ids=lambda p: p.name)
+def test_each_tool_s_help_describes_it_in_whole_sentences(tool):
+    run = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    description = " ".join(run.stdout.split("\n\n")[1].split())  # after the usage lines
+    assert description.endswith((".", ":", ")")), description

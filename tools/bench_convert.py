@@ -87,13 +87,15 @@ def timed(*argv) -> tuple[float, int, str]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layout", choices=["pt", "paddle"], default="pt", help="layout of the source model")
     p.add_argument("--source-shard-size", type=parse_size, default=None,
                    help="shard the source model (default: one file, as the published 0.3B)")
     p.add_argument("--workdir", default=None, help="where to write (default: a temporary directory)")
     args = p.parse_args()
 
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=args.workdir))
     try:
         src = work / f"src-{args.layout}"

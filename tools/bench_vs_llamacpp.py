@@ -287,7 +287,7 @@ def run_kl(args, root: Path, source: Path, binaries: Path) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None, help="a -PT checkpoint with tokenizer files (default: a random one)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; each system's best is kept")
     parser.add_argument("--new-tokens", type=int, default=128)

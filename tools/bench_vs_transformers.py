@@ -114,7 +114,7 @@ def decode_tps(timing: tuple[float, float], new_tokens: int, batch: int = 1) -> 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)

@@ -302,7 +302,7 @@ def render(text: str, page: Path) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="example:\n  python tools/render_docs.py record bench-0.3b-cpu /tmp/b.json "
                                             "--command \"ernie-paddle bench --model M --json /tmp/b.json\"")
