@@ -39,7 +39,9 @@ def test_table_and_json(model_dir, tmp_path):
 
     data = json.loads(report.read_text())
     assert data["device"] == "cpu" and data["dtype"] == "float32" and data["batch"] == 2
-    assert data["weight_bytes"] > 0 and data["peak_memory_bytes"] > data["weight_bytes"]
+    # Paddle imported, the process holds some 250 MB whatever the model; a tiny model adds little (this
+    # catches a figure in KiB or pages instead of bytes, and a missing one)
+    assert data["weight_bytes"] > 0 and 100e6 < data["peak_memory_bytes"] < 4e9
     assert data["load_s"] > 0 and data["matmul_ceiling_tps"] > 0
     assert (data["kernel_ceiling_tps"] or 0) > 0 or not cpu_ops.available()
     assert [(r["input_len"], r["output_len"]) for r in data["rows"]] == [(3, 2), (3, 4), (5, 2), (5, 4)]
@@ -129,7 +131,7 @@ def test_bench_moe_rounds_run_each_side_in_a_fresh_process(tmp_path, monkeypatch
     for system in ("ernie-paddle", "transformers"):
         round_ = bench_moe.fresh_process_round(system, tmp_path / "moe", 5)
         assert round_["system"] == system and round_["new_tokens"] == 5 and round_["decode_tps"] > 0
-        assert round_["peak_rss_bytes"] > round_["weight_bytes"] > 0
+        assert round_["weight_bytes"] > 0 and 100e6 < round_["peak_rss_bytes"] < 4e9  # as in test_table_and_json
     (tmp_path / "no-weights").mkdir()
     (tmp_path / "no-weights" / "config.json").write_bytes((tmp_path / "moe" / "config.json").read_bytes())
     with pytest.raises(SystemExit, match=r"the transformers round on \S+no-weights failed \(exit 1\)"):
