@@ -328,7 +328,7 @@ def _cpu_flags() -> str:
 
 def _build(library: Path):
     library.parent.mkdir(parents=True, exist_ok=True)
-    print("ernie-paddle: building the CPU decoding kernels for this machine (once, about a minute on 2 cores) ...",
+    print("ernie-paddle: building the CPU decoding kernels for this machine (once, one to two minutes on 2 cores) ...",
           file=sys.stderr, flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=library.parent) as work:
