@@ -289,14 +289,26 @@ def config_difference(model_dir: Path, reference_dir: Path) -> str | None:
     return f"the two config.json differ ({'; '.join(differ)}): these are different models" if differ else None
 
 
-def check_same_vocabulary(model_dir: Path, reference_dir: Path):
-    """Next-token probabilities over two different vocabularies have nothing to compare: refused before
-    loading (other differences run, and the note names them)."""
-    ours, theirs = ErnieConfig.from_dir(model_dir).vocab_size, ErnieConfig.from_dir(reference_dir).vocab_size
-    if ours != theirs:
-        raise ErnieError(f"--reference-model {reference_dir}: its vocab_size {theirs} is not that of --model "
-                         f"{model_dir} ({ours}): their next-token probabilities cannot be compared; pass the model "
-                         "that --model was converted from")
+# What two models must share for their next-token probabilities to be compared at all; other keys
+# (dtype, rope_theta, eos ids, ...) may differ and are named in a note.
+SHAPE_KEYS = ("kind", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "tie_word_embeddings", "use_bias")
+
+
+def check_same_shape(model_dir: Path, reference_dir: Path):
+    """Refuse, before loading either model, a reference whose architecture or sizes are not those of --model:
+    the first differing key is named (a different vocabulary ended in a broadcasting traceback)."""
+    model, reference = ErnieConfig.from_dir(model_dir), ErnieConfig.from_dir(reference_dir)
+
+    def shape(config):
+        moe = config.moe.__dict__ if config.moe else {}
+        return [(key, getattr(config, key)) for key in SHAPE_KEYS] + [(f"moe {key}", value) for key, value in moe.items()]
+
+    for (key, ours), (_, theirs) in zip(shape(model), shape(reference)):
+        if ours != theirs:
+            raise ErnieError(f"--reference-model {reference_dir}: its {key} {theirs!r} is not that of --model "
+                             f"{model_dir} ({ours!r}): the two cannot be compared; pass the model that --model "
+                             "was converted from")
 
 
 def check_room_for_conversion(reference_dir: Path):
@@ -468,7 +480,7 @@ def run_check(args) -> int:
     prompts = load_prompts(args.prompts)
     prompt_ids = encode_prompts(model_dir, prompts, args.prompts, args.greedy_tokens)
     if args.reference_model:
-        check_same_vocabulary(model_dir, reference_dir)
+        check_same_shape(model_dir, reference_dir)
     if reference_kind == "transformers":
         check_room_for_conversion(reference_dir)
 

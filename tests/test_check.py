@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import edited_copy, save_tiny_pt, save_tiny_tokenizer
+from conftest import edited_copy, save_tiny_moe_pt, save_tiny_pt, save_tiny_tokenizer
 from converters.convert import pt2paddle
 from ernie_paddle import check
 from ernie_paddle.demo import DEMO_MODEL
@@ -205,26 +205,34 @@ def test_a_prompt_beyond_the_models_positions_is_refused_before_loading(tmp_path
     assert "prompt 2 has" in err and f"with --greedy-tokens {greedy_tokens} exceed the model's" in err
 
 
-def test_a_reference_of_another_architecture_is_named_in_a_note(models, tmp_path, capsys):
+def test_a_reference_with_other_settings_is_named_in_a_note(models, tmp_path, capsys):
     pt, _ = models
-    save_tiny_pt(tmp_path / "other", seed=5, vocab_size=448, eos_token_id=447, num_hidden_layers=3)
+    save_tiny_pt(tmp_path / "other", seed=5, vocab_size=448, eos_token_id=447, rope_theta=10000.0)
     code, out, _ = run(capsys, "--model", pt, "--reference", "cpu", "--reference-model", tmp_path / "other",
                        "--greedy-tokens", 2)
     assert code == 1
-    assert "note: the two config.json differ (num_hidden_layers 2 against 3): these are different models" in out
+    assert "note: the two config.json differ (rope_theta 500000.0 against 10000.0): these are different models" in out
 
 
 @pytest.mark.parametrize("reference", ["cpu", "transformers"])
-def test_a_reference_with_another_vocabulary_is_refused_before_loading(models, tmp_path, capsys, monkeypatch,
-                                                                        reference):
+@pytest.mark.parametrize("other, message", [
+    (dict(vocab_size=512, eos_token_id=511), "its vocab_size 512 is not that of --model"),
+    (dict(vocab_size=448, eos_token_id=447, num_hidden_layers=3), "its num_hidden_layers 3 is not that of --model"),
+    ("moe", "its kind 'moe' is not that of --model"),
+])
+def test_a_reference_of_another_shape_is_refused_before_loading(models, tmp_path, capsys, monkeypatch, reference,
+                                                                other, message):
     from ernie_paddle.predictor import ErniePredictor
     pt, _ = models
-    save_tiny_pt(tmp_path / "other", vocab_size=512, eos_token_id=511)
+    if other == "moe":
+        save_tiny_moe_pt(tmp_path / "other", vocab_size=448, eos_token_id=447)
+    else:
+        save_tiny_pt(tmp_path / "other", **other)
     capsys.readouterr()  # transformers' progress bar
     monkeypatch.setattr(ErniePredictor, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
     code, _, err = run(capsys, "--model", pt, "--reference", reference, "--reference-model", tmp_path / "other")
     assert code == 2 and err.count("\n") == 1, err
-    assert "its vocab_size 512 is not that of --model" in err and "cannot be compared" in err
+    assert message in err and "cannot be compared" in err and str(pt) in err and str(tmp_path / "other") in err
 
 
 def test_a_paddle_reference_that_would_not_fit_the_temporary_folder_is_refused_before_loading(
