@@ -70,8 +70,20 @@ def terminate(signum, frame):
     raise Terminated
 
 
+def negative_sizes_joined(argv: list[str]) -> list[str]:
+    """`--max-shard-size -5GB` as `--max-shard-size=-5GB`: argparse takes a value with a leading '-' for an
+    option and says only 'expected one argument'; joined, parse_size names the bad size."""
+    joined = []
+    for arg in argv:
+        if joined and joined[-1] == "--max-shard-size" and arg[:1] == "-" and arg[1:2].isdigit():
+            joined[-1] = f"--max-shard-size={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv=None, prog: str = "convert") -> int:
-    args = parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser(prog).parse_args(negative_sizes_joined(sys.argv[1:] if argv is None else list(argv)))
     from .convert import paddle2pt, pt2paddle, verify  # after parsing: `--help` stays instant
 
     previous = signal.signal(signal.SIGTERM, terminate)

@@ -342,6 +342,16 @@ def test_a_shard_size_of_nothing_is_refused(models, capsys, tmp_path, size):
     assert not dst.exists()
 
 
+@pytest.mark.parametrize("size", ["-5GB", "-1"])
+def test_a_negative_shard_size_is_named(models, capsys, tmp_path, size):
+    dst = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit:  # argparse alone said only 'expected one argument'
+        run(capsys, "pt2paddle", models["bf16"], dst, "--max-shard-size", size)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and f"argument --max-shard-size: '{size}' is not a size" in err, err
+    assert not dst.exists()
+
+
 def test_src_already_in_the_target_layout(models, capsys, tmp_path):
     dst = tmp_path / "out"
     code, _, err = run(capsys, "pt2paddle", models["paddle"], dst)
