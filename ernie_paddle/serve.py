@@ -636,18 +636,13 @@ def listen(host: str, port: int) -> socket.socket:
     use is then known at once, not after minutes of loading a large model."""
     if not 0 <= port <= 65535:
         raise ErnieError(f"--port {port}: must be from 0 to 65535 (0: any free port)")
-    not_here = f"--host {host}: not an address of this machine"
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as e:
-        raise ErnieError(f"{not_here} ({e.strerror}); use 127.0.0.1, 0.0.0.0 (every interface) or one of its "
-                         "addresses") from None
-    try:
         return socket.create_server((host, port), family=family, backlog=2048)
-    except OSError as e:
-        if e.errno == errno.EADDRNOTAVAIL:
-            raise ErnieError(f"{not_here} ({e.strerror}); use 127.0.0.1, 0.0.0.0 (every interface) or one of its "
-                             "addresses") from None
+    except OSError as e:  # gaierror included: a name that resolves to nothing
+        if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+            raise ErnieError(f"--host {host}: not an address of this machine ({e.strerror}); use 127.0.0.1, "
+                             "0.0.0.0 (every interface) or one of its addresses") from None
         raise ErnieError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); "
                          "pick another port, or 0 for any free one") from None
 
